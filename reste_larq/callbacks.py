@@ -1,0 +1,218 @@
+"""Keras callbacks for BNN training: estimator schedules, the learning-rate recipe of
+the ReSTE reference, and ReSTE's two indicators.
+
+All schedules are functions of the epoch index only, so a run resumed with
+`model.fit(..., initial_epoch=k)` sees exactly the values an uninterrupted run sees.
+
+```python
+model.fit(
+    data,
+    epochs=E,
+    callbacks=[
+        EstimatorSchedule(E, o_end=3.0),
+        LearningRateSchedule(0.1, E, warmup_epochs=5),
+    ],
+)
+```
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import tensorflow as tf
+
+from reste_larq.quantizers import (
+    BNNpp,
+    ReSTE,
+    reste_equivalent_forward,
+    scheduled_quantizers,
+)
+
+
+def cosine_ramp(epoch: int, epochs: int, start: float, end: float) -> float:
+    r"""start + (end - start) (1 - cos(pi/2 * epoch / epochs)): the ReSTE o schedule.
+
+    Slow at first, fastest at the end; epoch 0 gives `start`.
+    """
+    if epochs <= 0:
+        raise ValueError(f"epochs must be > 0 (got {epochs})")
+    ratio = min(max(epoch / epochs, 0.0), 1.0)
+    return start + (end - start) * (1.0 - math.cos(math.pi / 2.0 * ratio))
+
+
+class EstimatorSchedule(tf.keras.callbacks.Callback):
+    r"""Sets ReSTE's o and BNN++'s mu of every such quantizer at each epoch's start.
+
+    o(e) = 1 + (o_end - 1)(1 - cos(pi/2 * e/E)), the reference's schedule (o_end = 3).
+    mu(e) = mu_start + (mu_end - mu_start)(1 - cos(pi/2 * e/E)), default 1 -> 10: our
+    choice (the BNN++ paper gives no schedule for CNNs). At mu = 1 SignSwish is smooth
+    and its gradient small and wide; by mu = 10 it differs from sign only on
+    |x| < ~0.3, so the train-time forward is close to the deployed sign forward and
+    BatchNorm statistics carry over. The derivative peaks at mu (x = 0), so larger
+    mu_end trades gradient stability for consistency, like ReSTE's o_end.
+
+    The values are logged as `o` and `mu` (CSV, TensorBoard) when the model has them.
+    """
+
+    def __init__(
+        self,
+        epochs: int,
+        o_end: float = 3.0,
+        mu_start: float = 1.0,
+        mu_end: float = 10.0,
+    ):
+        super().__init__()
+        if epochs <= 0:
+            raise ValueError(f"epochs must be > 0 (got {epochs})")
+        if o_end < 1.0:
+            raise ValueError(f"o_end must be >= 1 (got {o_end})")
+        if mu_start <= 0.0 or mu_end <= 0.0:
+            raise ValueError(f"mu_start and mu_end must be > 0 (got {mu_start}, {mu_end})")
+        self.epochs = epochs
+        self.o_end = o_end
+        self.mu_start = mu_start
+        self.mu_end = mu_end
+        self._values: dict[str, float] = {}
+
+    def o_at(self, epoch: int) -> float:
+        return cosine_ramp(epoch, self.epochs, 1.0, self.o_end)
+
+    def mu_at(self, epoch: int) -> float:
+        return cosine_ramp(epoch, self.epochs, self.mu_start, self.mu_end)
+
+    def apply(self, model: tf.keras.Model, epoch: int) -> dict[str, float]:
+        """Set the values for `epoch` on `model`; returns what was set."""
+        values = {}
+        for q in scheduled_quantizers(model, ReSTE):
+            q.o = values["o"] = self.o_at(epoch)
+        for q in scheduled_quantizers(model, BNNpp):
+            q.mu = values["mu"] = self.mu_at(epoch)
+        return values
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._values = self.apply(self.model, epoch)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs.update(self._values)
+
+    def get_config(self):
+        return {
+            "epochs": self.epochs,
+            "o_end": self.o_end,
+            "mu_start": self.mu_start,
+            "mu_end": self.mu_end,
+        }
+
+
+def learning_rate_at(
+    epoch: int,
+    base_lr: float,
+    epochs: int,
+    warmup_epochs: int = 0,
+    decay: str = "cosine",
+) -> float:
+    """The per-epoch learning rate of the ReSTE reference (closed form).
+
+    Warm-up: base * (e + 1) / W for e < W, reaching base at e = W - 1. Then the decay
+    starts from base at e = W - 1: cosine, base/2 (1 + cos(pi (e - W + 1) / (E - W + 1)))
+    (the reference's CosineAnnealingLR with T_max = E - 4 for W = 5), or linear,
+    base (1 - (e - W + 1) / (E - W + 1)) (the Adam recipe of Bi-Real / BNN-tricks).
+    """
+    if decay not in ("cosine", "linear"):
+        raise ValueError(f"decay must be 'cosine' or 'linear' (got {decay!r})")
+    if warmup_epochs and epoch < warmup_epochs:
+        return base_lr * (epoch + 1) / warmup_epochs
+    offset = max(warmup_epochs - 1, 0)
+    span = max(epochs - offset, 1)
+    progress = min(max((epoch - offset) / span, 0.0), 1.0)
+    if decay == "cosine":
+        return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return base_lr * (1.0 - progress)
+
+
+class LearningRateSchedule(tf.keras.callbacks.Callback):
+    """Sets the optimizer's learning rate at each epoch's start (`learning_rate_at`);
+    logs it as `lr`. Stepping once per epoch matches the reference."""
+
+    def __init__(self, base_lr: float, epochs: int, warmup_epochs: int = 0, decay="cosine"):
+        super().__init__()
+        if base_lr <= 0:
+            raise ValueError(f"learning rate must be > 0 (got {base_lr})")
+        if warmup_epochs < 0:
+            raise ValueError(f"warm-up epochs must be >= 0 (got {warmup_epochs})")
+        learning_rate_at(0, base_lr, epochs, warmup_epochs, decay)  # validates decay
+        self.base_lr, self.epochs = base_lr, epochs
+        self.warmup_epochs, self.decay = warmup_epochs, decay
+        self._lr = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._lr = learning_rate_at(
+            epoch, self.base_lr, self.epochs, self.warmup_epochs, self.decay
+        )
+        self.model.optimizer.learning_rate.assign(self._lr)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None and self._lr is not None:
+            logs["lr"] = self._lr
+
+
+def binary_kernels(model: tf.keras.Model):
+    """The latent (real-valued) kernels of every layer with a 1-bit kernel quantizer."""
+    kernels = []
+    for layer in model.submodules:
+        quantizer = getattr(layer, "kernel_quantizer", None)
+        if getattr(quantizer, "precision", None) == 1 and hasattr(layer, "kernel"):
+            kernels.append(layer.kernel.latent_variable)
+    return kernels
+
+
+def estimating_error(model: tf.keras.Model, o: float) -> float:
+    """ReSTE's estimating error: sum over binary kernels of
+    || sign(w) |w|^(1/o) - sign(w) ||_2 (the reference evaluates it at o = o_end)."""
+    total = 0.0
+    for w in binary_kernels(model):
+        w = tf.reshape(w, [-1])
+        total += float(tf.norm(reste_equivalent_forward(w, o) - tf.sign(w)))
+    return total
+
+
+class Indicators(tf.keras.callbacks.Callback):
+    """ReSTE's indicators, logged per epoch as `estimating_error` and `gradient_stability`.
+
+    - estimating_error: see `estimating_error`, at `o` (the run's o_end).
+    - gradient_stability: sum over binary kernels of Var(|dL/dw|), the gradient taken
+      on a fixed training batch in training mode at the end of each epoch (the
+      reference reports the value of the epoch's last batch). Lower is more stable.
+    """
+
+    def __init__(self, batch, o: float = 3.0):
+        super().__init__()
+        self.batch = batch
+        self.o = o
+
+    def gradient_stability(self) -> float:
+        x, y = (tf.convert_to_tensor(t) for t in self.batch)
+        kernels = binary_kernels(self.model)
+        # A training-mode forward updates BN moving statistics: measure, then restore.
+        saved = [w.numpy() for w in self.model.non_trainable_weights]
+        with tf.GradientTape() as tape:
+            predictions = self.model(x, training=True)
+            loss = self.model.compute_loss(x, y, predictions)
+        grads = tape.gradient(loss, kernels)
+        for w, value in zip(self.model.non_trainable_weights, saved):
+            w.assign(value)
+        return float(
+            sum(tf.math.reduce_variance(tf.abs(g)) for g in grads if g is not None)
+        )
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None:
+            return
+        logs["estimating_error"] = estimating_error(self.model, self.o)
+        stability = self.gradient_stability()
+        if not np.isfinite(stability):
+            raise FloatingPointError(f"gradient of the binary kernels is not finite at epoch {epoch}")
+        logs["gradient_stability"] = stability

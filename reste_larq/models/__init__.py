@@ -1,0 +1,129 @@
+"""The model zoo: `available()` names, `build(name, ...)` returns an uncompiled Keras model.
+
+```python
+import larq as lq
+from reste_larq import models
+
+model = models.build("resnet20_1w1a", quantizer="reste")
+lq.models.summary(model)
+```
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Callable
+
+import tensorflow as tf
+
+from reste_larq.models import cifar, imagenet
+from reste_larq.models.blocks import PADDINGS, BinarySpec, synchronized_batch_norm
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    factory: Callable
+    family: str  # "cifar" | "imagenet"
+    quantizer: str = "reste"
+    a32: bool = False
+    weight_scale: bool = True
+    kernel_initializer: object = "he_normal"
+    kernel_constraint: object = None
+
+    @property
+    def input_shape(self):
+        return (32, 32, 3) if self.family == "cifar" else (224, 224, 3)
+
+    @property
+    def num_classes(self):
+        return 10 if self.family == "cifar" else 1000
+
+
+_MODELS = {
+    "resnet20_1w1a": ModelInfo(cifar.resnet20_1w1a, "cifar"),
+    "resnet20_bireal_1w1a": ModelInfo(cifar.resnet20_bireal_1w1a, "cifar"),
+    "resnet18_1w1a": ModelInfo(cifar.resnet18_1w1a, "cifar"),
+    "vgg_small_1w1a": ModelInfo(
+        cifar.vgg_small_1w1a, "cifar", kernel_initializer="he_normal_fan_out"
+    ),
+    # 1-bit weights, real activations by definition; its binarizer scales itself.
+    "wrn20_10_1bit": ModelInfo(
+        cifar.wrn20_10_1bit, "cifar", quantizer="wrn_sign", a32=True, weight_scale=False,
+        kernel_initializer="he_normal_fan_out",
+    ),
+    "resnet18_1w1a_imagenet": ModelInfo(imagenet.resnet18_1w1a_imagenet, "imagenet"),
+    "resnet34_1w1a_imagenet": ModelInfo(imagenet.resnet34_1w1a_imagenet, "imagenet"),
+    # Bi-Real Net as published (and in larq_zoo): ApproxSign activations, magnitude-aware
+    # weights (already scaled per channel), weights clipped to [-1, 1].
+    "birealnet18": ModelInfo(
+        imagenet.birealnet18, "imagenet", quantizer="bireal", weight_scale=False,
+        kernel_initializer="glorot_normal", kernel_constraint="weight_clip",
+    ),
+    "birealnet34": ModelInfo(
+        imagenet.birealnet34, "imagenet", quantizer="bireal", weight_scale=False,
+        kernel_initializer="glorot_normal", kernel_constraint="weight_clip",
+    ),
+}
+
+
+def available(family: str | None = None) -> list[str]:
+    """Model names, optionally only one family ("cifar" or "imagenet")."""
+    return [n for n, info in _MODELS.items() if family in (None, info.family)]
+
+
+def info(name: str) -> ModelInfo:
+    if name not in _MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(available())}")
+    return _MODELS[name]
+
+
+def build(
+    name: str,
+    *,
+    quantizer: str | None = None,
+    input_shape=None,
+    num_classes: int | None = None,
+    a32: bool | None = None,
+    padding: str = "one",
+    weight_scale: bool | None = None,
+    sync_bn: bool = False,
+    **options,
+) -> tf.keras.Model:
+    """Build model `name` (uncompiled, logits out).
+
+    quantizer: an estimator name (`reste_larq.quantizers.estimators()`) or "float";
+        None takes the model's own (reste; bireal for Bi-Real Net; wrn_sign for WRN).
+    a32: real activations (1W/32A); None takes the model's default (True for WRN only).
+    padding: "one" (default: LCE's fast bit-packed path) or "zero" (the reference).
+    weight_scale: mean |w| kernel scaling; None takes the model's default.
+    sync_bn: synchronized BatchNorm across replicas (for tf.distribute training).
+    options: the factory's own keyword options (e.g. `width` for wrn20_10_1bit).
+    """
+    model_info = info(name)
+    allowed = [
+        p for p in inspect.signature(model_info.factory).parameters
+        if p not in ("inputs", "spec", "num_classes")
+    ]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"unknown option(s) {', '.join(unknown)} for {name}; it accepts "
+            f"{', '.join(allowed) if allowed else 'no extra options'} besides quantizer, "
+            f"input_shape, num_classes, a32, padding ({'|'.join(PADDINGS)}), weight_scale"
+        )
+    spec = BinarySpec(
+        quantizer=model_info.quantizer if quantizer is None else quantizer,
+        a32=model_info.a32 if a32 is None else bool(a32),
+        padding=padding,
+        weight_scale=model_info.weight_scale if weight_scale is None else bool(weight_scale),
+        kernel_initializer=model_info.kernel_initializer,
+        kernel_constraint=model_info.kernel_constraint,
+    )
+    num_classes = num_classes or model_info.num_classes
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2 (got {num_classes})")
+    inputs = tf.keras.Input(tuple(input_shape or model_info.input_shape), name="image")
+    with synchronized_batch_norm(sync_bn):
+        outputs = model_info.factory(inputs, spec, num_classes, **options)
+    return tf.keras.Model(inputs, outputs, name=name)

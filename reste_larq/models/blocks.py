@@ -1,0 +1,183 @@
+"""The shared pieces of every model: the binary conv and its quantizer choices in one
+place (`BinarySpec`), shortcuts, BatchNorm with PyTorch's defaults, and heads."""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+
+import larq as lq
+import tensorflow as tf
+
+from reste_larq.quantizers import MeanAbsScaled, canonical_estimator, estimator_quantizers
+
+PADDINGS = ("one", "zero")
+
+
+def he_normal(mode: str = "fan_in"):
+    """PyTorch's kaiming_normal_ (ReLU gain): an *untruncated* normal, std sqrt(2/fan)."""
+    return tf.keras.initializers.VarianceScaling(2.0, mode, "untruncated_normal")
+
+
+def torch_default():
+    """PyTorch's default Conv/Linear init, kaiming_uniform(a=sqrt(5)): U(+-1/sqrt(fan_in))."""
+    return tf.keras.initializers.VarianceScaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+_SYNC_BN = contextvars.ContextVar("reste_larq_sync_bn", default=False)
+
+
+@contextlib.contextmanager
+def synchronized_batch_norm(enabled: bool = True):
+    """Within this context `batch_norm` makes synchronized (cross-replica) BN layers:
+    per-replica statistics hurt BNN accuracy (the ReSTE authors' warning)."""
+    token = _SYNC_BN.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _SYNC_BN.reset(token)
+
+
+def batch_norm(name=None, affine: bool = True, momentum: float = 0.9):
+    """BatchNorm with PyTorch's defaults (momentum 0.1 there = 0.9 here, eps 1e-5)."""
+    return tf.keras.layers.BatchNormalization(
+        momentum=momentum, epsilon=1e-5, center=affine, scale=affine, name=name,
+        synchronized=_SYNC_BN.get(),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class BinarySpec:
+    """How every binary conv of a model is made: the one place for quantizer options.
+
+    quantizer: estimator name (`reste_larq.quantizers.estimators()`), or "float" for
+        the full-precision twin of the architecture.
+    a32: keep activations real (1W/32A).
+    padding: "one" pads the binarized input with +1 (LCE's fast path, bit-packed
+        output); "zero" pads with 0 as the PyTorch reference does (LCE converts it with
+        a correction pass). With a32 the input is real and is always zero-padded.
+    weight_scale: multiply the binary kernel by the layer's mean |w| (ReSTE reference).
+    """
+
+    quantizer: str = "reste"
+    a32: bool = False
+    padding: str = "one"
+    weight_scale: bool = True
+    kernel_initializer: object = "he_normal"
+    kernel_constraint: object = None
+
+    def __post_init__(self):
+        if self.quantizer != "float":
+            object.__setattr__(self, "quantizer", canonical_estimator(self.quantizer))
+        if self.padding not in PADDINGS:
+            raise ValueError(f"padding must be one of {', '.join(PADDINGS)} (got {self.padding!r})")
+
+    @property
+    def binary(self) -> bool:
+        return self.quantizer != "float"
+
+    def initializer(self):
+        """A fresh initializer instance for one binary conv."""
+        init = self.kernel_initializer
+        if init in ("he_normal", "he_normal_fan_out"):
+            return he_normal("fan_out" if init.endswith("fan_out") else "fan_in")
+        return tf.keras.initializers.get(init)
+
+    def conv(self, filters, kernel_size=3, strides=1, name=None) -> lq.layers.QuantConv2D:
+        """A QuantConv2D with this spec's quantizers (fresh instances per layer)."""
+        input_q = kernel_q = None
+        if self.binary:
+            input_q, kernel_q = estimator_quantizers(self.quantizer, a32=self.a32)
+            if self.weight_scale:
+                kernel_q = MeanAbsScaled(kernel_q)
+        one_pad = self.padding == "one" and input_q is not None
+        return lq.layers.QuantConv2D(
+            filters,
+            kernel_size,
+            strides=strides,
+            padding="same",
+            pad_values=1.0 if one_pad else 0.0,
+            input_quantizer=input_q,
+            kernel_quantizer=kernel_q,
+            kernel_initializer=self.initializer(),
+            kernel_constraint=self.kernel_constraint if self.binary else None,
+            use_bias=False,
+            name=name,
+        )
+
+
+def float_conv(filters, kernel_size, strides=1, initializer=he_normal, name=None):
+    """Float conv; `initializer` is a factory (a fresh, independently random instance
+    per layer: Keras warns that a reused unseeded instance repeats its values)."""
+    return tf.keras.layers.Conv2D(
+        filters,
+        kernel_size,
+        strides=strides,
+        padding="same",
+        use_bias=False,
+        kernel_initializer=initializer(),
+        name=name,
+    )
+
+
+def binary_conv_block(x, spec: BinarySpec, filters, strides=1, relu=True):
+    """Binary conv -> ReLU -> BN, the reference's order (LCE fuses the ReLU into the
+    binary conv's output transform when it follows it directly)."""
+    x = spec.conv(filters, 3, strides)(x)
+    if relu:
+        x = tf.keras.layers.ReLU()(x)
+    return batch_norm()(x)
+
+
+@tf.keras.utils.register_keras_serializable(package="reste_larq")
+class ChannelPad(tf.keras.layers.Layer):
+    """Zero-pads the channel axis to `filters` channels, split evenly on both sides."""
+
+    def __init__(self, filters: int, **kwargs):
+        super().__init__(**kwargs)
+        self.filters = filters
+
+    def call(self, inputs):
+        extra = self.filters - inputs.shape[-1]
+        before = extra // 2
+        return tf.pad(inputs, [[0, 0], [0, 0], [0, 0], [before, extra - before]])
+
+    def compute_output_shape(self, input_shape):
+        return tf.TensorShape([*input_shape[:-1], self.filters])
+
+    def get_config(self):
+        return {**super().get_config(), "filters": self.filters}
+
+
+def shortcut_option_a(x, filters, strides):
+    """He et al.'s parameter-free option A: subsample, then zero-pad the channels."""
+    if strides != 1:
+        x = tf.keras.layers.MaxPool2D(1, strides=strides)(x)  # x[:, ::s, ::s, :]
+    if x.shape[-1] != filters:
+        x = ChannelPad(filters)(x)
+    return x
+
+
+def shortcut_conv(x, filters, strides, pool=False, initializer=he_normal):
+    """Float 1x1 conv + BN downsample; with `pool` an average pool does the striding
+    (Bi-Real Net) and the conv has stride 1."""
+    if x.shape[-1] == filters and strides == 1:
+        return x
+    if pool and strides != 1:
+        x = tf.keras.layers.AvgPool2D(strides, strides=strides, padding="same")(x)
+        strides = 1
+    x = float_conv(filters, 1, strides, initializer)(x)
+    return batch_norm()(x)
+
+
+def classifier_head(x, num_classes, dense_initializer=torch_default, bn=True):
+    """Global average pool -> BN -> float dense, logits out (as the reference)."""
+    x = tf.keras.layers.GlobalAveragePooling2D()(x)
+    if bn:
+        x = batch_norm()(x)
+    return tf.keras.layers.Dense(
+        num_classes,
+        kernel_initializer=dense_initializer(),
+        name="logits",
+    )(x)

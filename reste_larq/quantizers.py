@@ -1,0 +1,471 @@
+r"""Binary quantizers (gradient estimators) for Larq layers.
+
+Every quantizer here has a binary forward pass at inference, `larq.math.sign`
+(sign(0) = +1, the form Larq Compute Engine converts to a binary convolution),
+and differs only in the pseudo-gradient used while training.
+
+| name (aliases)               | forward (training)        | backward                          |
+| ---------------------------- | ------------------------- | --------------------------------- |
+| `reste` (`ReSTE`)            | sign                      | rectified power, see `ReSTE`      |
+| `bnnpp` (`bnn++`, `BNNpp`)   | SignSwish SS_mu           | exact derivative of SS_mu         |
+| `binary_connect`             | sign                      | identity                          |
+| `wrn_sign`                   | sqrt(2/fan_in) * sign     | identity                          |
+| `ste` (`bnn`, Larq `ste_sign`) | sign                    | 1 on abs(x) <= 1 (hard tanh)      |
+| `bnn+` (Larq `swish_sign`)   | sign                      | SignSwish derivative              |
+| `approx_sign` (Larq)         | sign                      | 2 - 2 abs(x) on abs(x) <= 1       |
+| `magnitude_aware_sign` (Larq)| mean abs(w) per channel * sign | STE                          |
+
+```python
+import larq as lq
+import reste_larq  # registers the names
+
+layer = lq.layers.QuantConv2D(
+    64, 3, input_quantizer="reste", kernel_quantizer="reste", use_bias=False
+)
+```
+
+An *estimator* (`ESTIMATORS`, `estimator_quantizers`) names the pair of quantizers a
+model uses for its activations and its weights; most estimators use the same
+quantizer for both, Bi-Real Net and the 1-bit Wide ResNet do not.
+"""
+
+from __future__ import annotations
+
+import math
+
+import larq as lq
+import numpy as np
+import tensorflow as tf
+from larq import utils as lq_utils
+from larq.quantizers import _BaseQuantizer
+
+__all__ = [
+    "ESTIMATORS",
+    "BinaryConnect",
+    "BNNpp",
+    "MeanAbsScaled",
+    "ReSTE",
+    "WrnSign",
+    "binary_connect_sign",
+    "bnnpp_sign",
+    "estimator_quantizers",
+    "estimators",
+    "reste_equivalent_forward",
+    "reste_gradient",
+    "reste_sign",
+    "signswish",
+    "signswish_gradient",
+    "wrn_sign",
+]
+
+# SignSwish saturates: beyond |mu*x| = 50 its derivative is below 1e-19 and its value is
+# +-1 to float precision. Clipping there keeps cosh/exp from overflowing to inf/inf.
+_SIGNSWISH_CLIP = 50.0
+
+
+def _compute_dtype(x):
+    """Half-precision inputs are computed in float32 so powers and exps stay finite."""
+    return tf.float32 if x.dtype in (tf.float16, tf.bfloat16) else x.dtype
+
+
+# --------------------------------------------------------------------------- ReSTE
+def reste_gradient(x, o, t=1.5, interval=0.1):
+    r"""The ReSTE pseudo-derivative d sign(x) / dx (Wu et al., ICCV 2023).
+
+    \\[
+    \frac{\partial q}{\partial x} = \begin{cases}
+      \frac{1}{o} |x|^{\frac{1-o}{o}} & \text{interval} < |x| \le t \\
+      \text{interval}^{1/o} / \text{interval} & |x| \le \text{interval} \\
+      0 & |x| > t
+    \end{cases}
+    \\]
+
+    The power function |x|^(1/o) has an infinite slope at 0 for o > 1; inside
+    `interval` the secant slope from 0 to `interval` is used instead, so the
+    gradient is finite everywhere, x = 0 included.
+    """
+    dtype = _compute_dtype(x)
+    ax = tf.abs(tf.cast(x, dtype))
+    o = tf.cast(o, dtype)
+    exponent = (1.0 - o) / o
+    inner = tf.pow(tf.constant(interval, dtype), exponent)
+    # max(|x|, interval) keeps the unused branch finite (no 0 ** negative).
+    outer = tf.pow(tf.maximum(ax, interval), exponent) / o
+    slope = tf.where(ax <= interval, inner, outer)
+    return tf.where(ax <= t, slope, tf.zeros_like(slope))
+
+
+def reste_sign(x, o=1.0, t=1.5, interval=0.1):
+    """sign(x) forward (`larq.math.sign`), ReSTE backward (`reste_gradient`)."""
+    o = tf.convert_to_tensor(o)
+
+    @tf.custom_gradient
+    def _call(x):
+        def grad(dy):
+            return dy * tf.cast(reste_gradient(x, o, t, interval), dy.dtype)
+
+        return lq.math.sign(x), grad
+
+    return _call(x)
+
+
+def reste_equivalent_forward(x, o):
+    r"""The function ReSTE's backward is the derivative of: sign(x) * |x|^(1/o).
+
+    The ReSTE paper measures the *estimating error* as the distance between this
+    and sign(x); o = 1 is the identity (plain STE), o -> inf approaches sign.
+    """
+    o = tf.cast(o, x.dtype)
+    return lq.math.sign(x) * tf.pow(tf.abs(x), 1.0 / o)
+
+
+# --------------------------------------------------------------------------- BNN++
+def signswish(x, mu):
+    r"""SignSwish SS_mu(x) = 2 sigmoid(mu x) (1 + mu x (1 - sigmoid(mu x))) - 1."""
+    dtype = _compute_dtype(x)
+    z = tf.clip_by_value(
+        tf.cast(mu, dtype) * tf.cast(x, dtype), -_SIGNSWISH_CLIP, _SIGNSWISH_CLIP
+    )
+    # 1 - sigmoid(z) is computed as sigmoid(-z): exact where sigmoid(z) rounds to 1.
+    return tf.cast(2.0 * tf.sigmoid(z) * (1.0 + z * tf.sigmoid(-z)) - 1.0, x.dtype)
+
+
+def signswish_gradient(x, mu):
+    r"""Exact derivative of SignSwish: mu (2 - mu x tanh(mu x / 2)) / (1 + cosh(mu x)).
+
+    Computed in the equivalent form 2 mu s(z) s(-z) (2 + z (s(-z) - s(z))) with
+    z = mu x and s the sigmoid, which cannot overflow (cosh(z) does for |z| > 89 in
+    float32, giving inf / inf).
+    """
+    dtype = _compute_dtype(x)
+    mu = tf.cast(mu, dtype)
+    z = mu * tf.cast(x, dtype)
+    zc = tf.clip_by_value(z, -_SIGNSWISH_CLIP, _SIGNSWISH_CLIP)
+    s, s_neg = tf.sigmoid(zc), tf.sigmoid(-zc)
+    slope = 2.0 * mu * s * s_neg * (2.0 + zc * (s_neg - s))
+    return tf.where(tf.abs(z) > _SIGNSWISH_CLIP, tf.zeros_like(slope), slope)
+
+
+def bnnpp_sign(x, mu=5.0, training=True):
+    """BNN++: SignSwish forward and its exact derivative while training; sign at inference."""
+    if not training:
+        return lq.math.sign(x)
+    mu = tf.convert_to_tensor(mu)
+
+    @tf.custom_gradient
+    def _call(x):
+        def grad(dy):
+            return dy * tf.cast(signswish_gradient(x, mu), dy.dtype)
+
+        return signswish(x, mu), grad
+
+    return _call(x)
+
+
+# ------------------------------------------------------------- identity-backward signs
+@tf.custom_gradient
+def binary_connect_sign(x):
+    """BinaryConnect (Courbariaux et al., 2015): sign forward, identity backward."""
+    return lq.math.sign(x), lambda dy: dy
+
+
+def wrn_sign(w):
+    """1-bit Wide ResNet weights (McDonnell, ICLR 2018): sqrt(2 / fan_in) * sign(w).
+
+    fan_in is the product of all but the last kernel dimension (k * k * c_in for a
+    conv). The backward pass is the identity, as in the paper.
+    """
+    fan_in = int(np.prod(w.shape[:-1]))
+    scale = math.sqrt(2.0 / fan_in)
+
+    @tf.custom_gradient
+    def _call(w):
+        return scale * lq.math.sign(w), lambda dy: dy
+
+    return _call(w)
+
+
+# --------------------------------------------------------------------------- classes
+def _check(condition, message):
+    if not condition:
+        raise ValueError(message)
+
+
+class _ScheduledSign(_BaseQuantizer):
+    """A binary quantizer with one schedulable float (ReSTE's o, BNN++'s mu).
+
+    The value lives in a non-trainable variable so a callback can change it between
+    epochs without retracing. The variable is tracked (SavedModel and TF checkpoints
+    restore it) but kept out of `weights`, like Larq's own quantizer state, so model
+    summaries count only the architecture; `get_config` carries its current value, so
+    `.h5` files restore it too.
+    """
+
+    precision = 1
+    schedule_name: str = ""
+
+    def __init__(self, initial_value, **kwargs):
+        super().__init__(**kwargs)
+        # Unique per instance: a QuantConv2D holds two of these (input and kernel), and
+        # weight names must not repeat inside one layer.
+        self.schedule_variable = self.add_weight(
+            name=f"{self.name}_{self.schedule_name}",
+            shape=(),
+            dtype=tf.float32,
+            initializer=tf.keras.initializers.Constant(float(initial_value)),
+            trainable=False,
+        )
+
+    def _value(self):
+        # A tensor, not the variable: tf.custom_gradient may not close over variables.
+        return tf.convert_to_tensor(self.schedule_variable)
+
+
+@lq_utils.register_alias("reste")
+@lq_utils.register_keras_custom_object
+class ReSTE(_ScheduledSign):
+    r"""Rectified Straight-Through Estimator (Wu, Zheng, Liu, Zheng; ICCV 2023).
+
+    Forward: \\(q(x) = \mathrm{sign}(x)\\) (+1 at 0). Backward: the derivative of the
+    power function \\(\mathrm{sign}(x)|x|^{1/o}\\), rectified near 0 and clipped
+    beyond t (see `reste_gradient`). o = 1 is the clipped STE; larger o lowers the
+    estimating error and the gradient stability. The paper raises o from 1 to 3
+    over training (`reste_larq.callbacks.EstimatorSchedule`).
+
+    ```python
+    q = ReSTE(o=1.0)
+    lq.layers.QuantConv2D(64, 3, input_quantizer=q, kernel_quantizer="reste")
+    ```
+
+    # Arguments
+        o: power, >= 1; schedulable (`quantizer.o = 2.0`, or the callback).
+        t: clipping threshold, > 0: gradient is 0 where |x| > t.
+        interval: in (0, t): width of the constant-slope region around 0.
+        metrics: Larq metrics (`["flip_ratio"]`).
+    """
+
+    schedule_name = "o"
+
+    def __init__(self, o: float = 1.0, t: float = 1.5, interval: float = 0.1, **kwargs):
+        _check(float(o) >= 1.0, f"ReSTE: o must be >= 1 (got {o}); o = 1 is the STE.")
+        _check(float(t) > 0.0, f"ReSTE: t must be > 0 (got {t}).")
+        _check(
+            0.0 < float(interval) < float(t),
+            f"ReSTE: interval must be in (0, t) = (0, {t}) (got {interval}).",
+        )
+        self.t = float(t)
+        self.interval = float(interval)
+        super().__init__(o, **kwargs)
+
+    @property
+    def o(self) -> float:
+        return float(self.schedule_variable.numpy())
+
+    @o.setter
+    def o(self, value: float):
+        _check(float(value) >= 1.0, f"ReSTE: o must be >= 1 (got {value}).")
+        self.schedule_variable.assign(float(value))
+
+    def call(self, inputs):
+        outputs = reste_sign(inputs, self._value(), self.t, self.interval)
+        return super().call(outputs)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "o": self.o,
+            "t": self.t,
+            "interval": self.interval,
+        }
+
+
+@lq_utils.register_alias("bnnpp")
+@lq_utils.register_alias("bnn++")
+@lq_utils.register_keras_custom_object
+class BNNpp(_ScheduledSign):
+    r"""BNN++ from ProxConnect++ (Lu, Yu, Li, Partovi Nia; NeurIPS 2023).
+
+    While training the forward pass is SignSwish and the backward its exact
+    derivative, so forward and backward are consistent:
+    \\[
+    SS_\mu(x) = 2\sigma(\mu x)\left(1 + \mu x (1 - \sigma(\mu x))\right) - 1,\quad
+    SS_\mu'(x) = \frac{\mu (2 - \mu x \tanh(\mu x / 2))}{1 + \cosh(\mu x)}.
+    \\]
+    At inference (`training=False`, and so in every exported model) the forward is
+    `larq.math.sign`, so the deployed network is truly binary and LCE converts it.
+    As mu grows SS_mu approaches sign; `EstimatorSchedule` raises mu during training
+    (default 1 -> 10, see `reste_larq.callbacks`).
+
+    # Arguments
+        mu: slope, > 0; schedulable like ReSTE's o.
+    """
+
+    schedule_name = "mu"
+
+    def __init__(self, mu: float = 5.0, **kwargs):
+        _check(float(mu) > 0.0, f"BNNpp: mu must be > 0 (got {mu}).")
+        super().__init__(mu, **kwargs)
+
+    @property
+    def mu(self) -> float:
+        return float(self.schedule_variable.numpy())
+
+    @mu.setter
+    def mu(self, value: float):
+        _check(float(value) > 0.0, f"BNNpp: mu must be > 0 (got {value}).")
+        self.schedule_variable.assign(float(value))
+
+    def call(self, inputs, training=None):
+        if training is None:
+            training = tf.keras.backend.learning_phase()
+        outputs = tf.__internal__.smart_cond.smart_cond(
+            training,
+            lambda: bnnpp_sign(inputs, self._value(), training=True),
+            lambda: lq.math.sign(inputs),
+        )
+        return super().call(outputs)
+
+    def get_config(self):
+        return {**super().get_config(), "mu": self.mu}
+
+
+@lq_utils.register_alias("binary_connect")
+@lq_utils.register_keras_custom_object
+class BinaryConnect(_BaseQuantizer):
+    r"""BinaryConnect: \\(q(x) = \mathrm{sign}(x)\\), gradient passed unchanged."""
+
+    precision = 1
+
+    def call(self, inputs):
+        return super().call(binary_connect_sign(inputs))
+
+
+@lq_utils.register_alias("wrn_sign")
+@lq_utils.register_keras_custom_object
+class WrnSign(_BaseQuantizer):
+    r"""1-bit Wide ResNet weight binarizer (McDonnell, ICLR 2018).
+
+    \\(q(w) = \sqrt{2 / \text{fan\_in}}\ \mathrm{sign}(w)\\), identity backward. For
+    kernels only: the constant scale is He-init's standard deviation, so a BN without
+    affine parameters can follow.
+    """
+
+    precision = 1
+
+    def call(self, inputs):
+        return super().call(wrn_sign(inputs))
+
+
+@lq_utils.register_alias("mean_abs_scaled")
+@lq_utils.register_keras_custom_object
+class MeanAbsScaled(_BaseQuantizer):
+    r"""Scales a binary kernel quantizer by the layer's mean |w| (one scalar per layer).
+
+    \\(q(w) = \overline{|w|}\ q_{\text{inner}}(w)\\), as in the ReSTE reference (the
+    scale is not detached: its gradient reaches w). LCE still converts the conv to a
+    binary one: the folded kernel is +-s with one positive scalar s.
+
+    ```python
+    QuantConv2D(64, 3, kernel_quantizer=MeanAbsScaled("reste"), ...)
+    ```
+    """
+
+    precision = 1
+
+    def __init__(self, quantizer="reste", **kwargs):
+        super().__init__(**kwargs)
+        self.quantizer = lq.quantizers.get(quantizer)
+        _check(
+            getattr(self.quantizer, "precision", None) == 1,
+            f"MeanAbsScaled wraps a binary quantizer; got {quantizer!r}.",
+        )
+
+    def call(self, inputs):
+        scale = tf.reduce_mean(tf.abs(inputs))
+        return super().call(scale * self.quantizer(inputs))
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "quantizer": lq.quantizers.serialize(self.quantizer),
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["quantizer"] = lq.quantizers.get(config["quantizer"])
+        return cls(**config)
+
+
+# Larq's own estimators under the names the papers use.
+lq_utils.register_alias("ste")(lq.quantizers.SteSign)
+lq_utils.register_alias("bnn")(lq.quantizers.SteSign)
+lq_utils.register_alias("bnn+")(lq.quantizers.SwishSign)
+
+# ------------------------------------------------------------------------- estimators
+# An estimator is the (activation quantizer, kernel quantizer) pair a model uses.
+ESTIMATORS: dict[str, tuple[str, str]] = {
+    "ste": ("ste_sign", "ste_sign"),  # BNN (Hubara et al.): hard-tanh STE
+    "binary_connect": ("binary_connect", "binary_connect"),
+    "bnn+": ("swish_sign", "swish_sign"),  # BNN+ (Darabi et al.): SignSwish backward
+    "approx_sign": ("approx_sign", "approx_sign"),
+    "bireal": ("approx_sign", "magnitude_aware_sign"),  # Bi-Real Net (Liu et al.)
+    "wrn_sign": ("ste_sign", "wrn_sign"),  # McDonnell's weights; STE if acts are binary
+    "reste": ("reste", "reste"),
+    "bnnpp": ("bnnpp", "bnnpp"),
+}
+_ESTIMATOR_ALIASES = {
+    "ReSTE": "reste",
+    "bnn++": "bnnpp",
+    "BNNpp": "bnnpp",
+    "bnn": "ste",
+    "ste_sign": "ste",
+    "swish_sign": "bnn+",
+    "magnitude_aware_sign": "bireal",
+    "bc": "binary_connect",
+}
+
+
+def estimators() -> list[str]:
+    """The estimator names accepted by `estimator_quantizers` and `--quantizer`."""
+    return sorted(ESTIMATORS)
+
+
+def canonical_estimator(name: str) -> str:
+    """'ReSTE' -> 'reste'; raises a ValueError naming the choices if unknown."""
+    name = _ESTIMATOR_ALIASES.get(name, name)
+    if name not in ESTIMATORS:
+        aliases = ", ".join(sorted(_ESTIMATOR_ALIASES))
+        raise ValueError(
+            f"unknown quantizer {name!r}; choose one of {', '.join(estimators())} "
+            f"(aliases: {aliases})"
+        )
+    return name
+
+
+def estimator_quantizers(name: str, *, a32: bool = False):
+    """(input_quantizer, kernel_quantizer) instances for an estimator name.
+
+    `a32=True` keeps activations real (input quantizer None), the 1W/32A setting.
+    """
+    input_name, kernel_name = ESTIMATORS[canonical_estimator(name)]
+    input_q = None if a32 else lq.quantizers.get(input_name)
+    return input_q, lq.quantizers.get(kernel_name)
+
+
+def scheduled_quantizers(model: tf.keras.Model, kind=_ScheduledSign):
+    """Every quantizer of class `kind` in `model` (inputs and kernels, inside wrappers)."""
+    found, seen = [], set()
+
+    def visit(q):
+        if q is None or id(q) in seen:
+            return
+        seen.add(id(q))
+        if isinstance(q, kind):
+            found.append(q)
+        visit(getattr(q, "quantizer", None))
+
+    for layer in model.submodules:
+        for attr in ("input_quantizer", "kernel_quantizer", "depthwise_quantizer"):
+            visit(getattr(layer, attr, None))
+    return found

@@ -1,0 +1,62 @@
+"""Train a binary network on a small-image dataset (CIFAR-10/100, (Fashion-)MNIST).
+
+    python -m train.cifar --quantizer reste                  # the ReSTE CIFAR-10 recipe
+    python -m train.cifar --dataset fashion_mnist --epochs 3 # a short offline run
+
+Defaults are the ReSTE reference's CIFAR recipe: resnet20_1w1a, SGD lr 0.1 momentum 0.9,
+weight decay 1e-4 on every weight, batch 256 (test 128), cosine decay, o: 1 -> 3,
+1000 epochs (add --warmup for its 5-epoch linear warm-up).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from train import common
+from reste_larq import data, models
+
+DEFAULTS = {
+    "model": "resnet20_1w1a",
+    "dataset": "cifar10",
+    "epochs": 1000,
+    "lr": 0.1,
+    "batch_size": 256,
+    "batch_size_test": 128,
+    "weight_decay": 1e-4,
+}
+
+
+def load_data(args, train: bool = True) -> common.Data:
+    info = data.info(args.dataset)
+    test_x, test_y = data.load_arrays(args.dataset, "test", args.data_dir, args.download)
+    if args.test_limit:
+        test_x, test_y = test_x[: args.test_limit], test_y[: args.test_limit]
+    eval_ds = data.eval_dataset(test_x, test_y, info, args.batch_size_test)
+    if not train:
+        return common.Data(info.num_classes, test_x.shape[1:], eval_ds)
+    train_x, train_y = data.load_arrays(args.dataset, "train", args.data_dir, args.download)
+    if args.train_limit:
+        train_x, train_y = train_x[: args.train_limit], train_y[: args.train_limit]
+
+    def make_train(first_epoch):
+        return data.train_dataset(train_x, train_y, info, args.batch_size, args.seed,
+                                  first_epoch, args.epochs)
+
+    batch = min(args.batch_size, len(train_x))
+    indicator_batch = (data.normalize(train_x[:batch], info), train_y[:batch])
+    return common.Data(info.num_classes, train_x.shape[1:], eval_ds, make_train, indicator_batch)
+
+
+def main(argv=None) -> int:
+    return common.main(
+        "Train a binary network on a small-image dataset (ReSTE CIFAR recipe).",
+        models=models.available("cifar"),
+        datasets=list(data.SMALL_IMAGE_DATASETS),
+        defaults=DEFAULTS,
+        load_data=load_data,
+        argv=argv,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,411 @@
+"""The shared training CLI: flags, run directory, fit assembly, export, metrics.json.
+
+data -> model -> compile -> fit (callbacks) -> export (LCE) -> evaluate (Keras, TFLite)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from reste_larq import callbacks as cb  # noqa: E402
+from reste_larq import export, models  # noqa: E402
+from reste_larq.data import DataNotFoundError  # noqa: E402
+from reste_larq.quantizers import canonical_estimator, estimators  # noqa: E402
+
+
+class UsageError(Exception):
+    """Bad command line or run state: printed as one line, exit code 2."""
+
+
+# ------------------------------------------------------------------------- flags
+def _positive_int(text):
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (got {text})")
+    return value
+
+
+def _non_negative_float(text):
+    value = float(text)
+    if not np.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0 (got {text})")
+    return value
+
+
+def _positive_float(text):
+    value = _non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"must be > 0 (got {text})")
+    return value
+
+
+def parser(description, *, models, datasets, defaults):
+    """argparse with the ReSTE reference's flags; `defaults` holds the recipe's values."""
+    p = argparse.ArgumentParser(description=description,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--model", "-m", default=defaults["model"], choices=models, help="architecture")
+    a("--quantizer", "--estimator", default="reste", metavar="NAME",
+      help=f"gradient estimator: {', '.join(estimators())}, or float")
+    a("--dataset", default=defaults["dataset"], choices=datasets, help="dataset")
+    a("--data-dir", default=None,
+      help="TFDS data_dir, or a folder with the official offline files")
+    a("--download", action=argparse.BooleanOptionalAction, default=True,
+      help="let tensorflow-datasets download when the data is not found locally")
+    a("--epochs", type=_positive_int, default=defaults["epochs"], help="training epochs")
+    a("--lr", type=_positive_float, default=defaults["lr"], help="base learning rate")
+    a("-b", "--batch-size", type=_positive_int, default=defaults["batch_size"],
+      help="global training batch size")
+    a("--batch-size-test", "-bt", type=_positive_int, default=defaults["batch_size_test"],
+      help="evaluation batch size")
+    a("--optimizer", choices=("sgd", "adam"), default="sgd",
+      help="sgd: cosine decay (ReSTE); adam: linear decay to 0 (Bi-Real/BNN-tricks)")
+    a("--momentum", type=_non_negative_float, default=0.9, help="SGD momentum")
+    a("--weight-decay", type=_non_negative_float, default=defaults["weight_decay"],
+      help="L2 on every weight (BN included), added to the gradient as PyTorch SGD does")
+    a("--warmup", nargs="?", type=int, const=5, default=0, metavar="EPOCHS",
+      help="linear learning-rate warm-up; bare --warmup is the reference's 5 epochs")
+    a("--o-end", type=float, default=3.0, help="final o of ReSTE's schedule (from 1)")
+    a("--mu-start", type=_positive_float, default=1.0, help="BNN++ mu at epoch 0")
+    a("--mu-end", type=_positive_float, default=10.0, help="BNN++ mu at the last epoch")
+    a("--a32", action="store_true", help="1W/32A: keep activations real")
+    a("--padding", choices=("one", "zero"), default="one",
+      help="binary conv padding: one (LCE fast path) or zero (the reference)")
+    a("--label-smoothing", type=_non_negative_float, default=0.0, help="label smoothing")
+    a("--seed", type=int, default=1234, help="random seed")
+    a("--results-dir", default="./results", help="where run folders are made")
+    a("--name", default=None, help="run folder name (default: model_quantizer_dataset)")
+    a("--resume", action="store_true", help="continue the run in --results-dir/--name")
+    a("--evaluate", metavar="CHECKPOINT", default=None,
+      help="a run folder (or its checkpoint/) to evaluate without training")
+    a("--init-from", metavar="RUN_DIR", default=None,
+      help="start from another run's final weights (1W32A -> 1W1A two-stage recipe)")
+    a("--indicators", action="store_true",
+      help="log ReSTE's estimating error and gradient stability per epoch")
+    a("--export", action=argparse.BooleanOptionalAction, default=True,
+      help="convert to model.tflite with LCE and evaluate it")
+    a("--train-limit", type=_positive_int, default=None,
+      help="use only the first N training images (quick checks)")
+    a("--test-limit", type=_positive_int, default=None,
+      help="use only the first N test images (quick checks)")
+    a("--strategy", choices=("default", "mirrored", "multi_worker"), default="default",
+      help="tf.distribute strategy; mirrored/multi_worker use synchronized BatchNorm")
+    a("--logical-cpus", type=_positive_int, default=None,
+      help="split the CPU into N logical devices (to exercise --strategy on one machine)")
+    a("--verbose", type=int, default=1, choices=(0, 1, 2), help="Keras progress output")
+    return p
+
+
+# ---------------------------------------------------------------------- run state
+def run_dir(args) -> str:
+    name = args.name or f"{args.model}_{args.quantizer}_{args.dataset}" + ("_a32" if args.a32 else "")
+    return os.path.join(args.results_dir, name)
+
+
+def _json_args(args):
+    return {k: v for k, v in sorted(vars(args).items())}
+
+
+def _load_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def _write_json(path, data):
+    export.write_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _checkpoint_objects(model, optimizer, epoch_var):
+    return tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=epoch_var)
+
+
+# ------------------------------------------------------------------------- pieces
+def make_strategy(args):
+    if args.logical_cpus:
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * args.logical_cpus)
+    if args.strategy == "mirrored":
+        devices = [d.name for d in tf.config.list_logical_devices("GPU")] or \
+                  [d.name for d in tf.config.list_logical_devices("CPU")]
+        return tf.distribute.MirroredStrategy(devices)
+    if args.strategy == "multi_worker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+def build_model(args, num_classes, input_shape):
+    return models.build(
+        args.model, quantizer=args.quantizer, input_shape=input_shape,
+        num_classes=num_classes, a32=True if args.a32 else None, padding=args.padding,
+        sync_bn=args.strategy != "default",
+    )
+
+
+def add_weight_decay(model, weight_decay):
+    """PyTorch SGD's coupled weight decay: wd/2 ||w||^2 over every trainable weight
+    (BN and biases too) joins the loss, so wd * w is added to the gradient before
+    momentum. Keras' own `weight_decay` is decoupled and would differ."""
+    if weight_decay <= 0:
+        return
+    weights = list(model.trainable_weights)
+
+    def l2():
+        return 0.5 * weight_decay * tf.add_n([tf.reduce_sum(tf.square(tf.convert_to_tensor(w))) for w in weights])
+
+    model.add_loss(l2)
+
+
+def make_optimizer(args):
+    if args.optimizer == "adam":
+        return tf.keras.optimizers.Adam(learning_rate=args.lr)
+    return tf.keras.optimizers.SGD(learning_rate=args.lr, momentum=args.momentum)
+
+
+def sparse_cross_entropy(num_classes, label_smoothing=0.0):
+    """Cross-entropy on integer labels and logits, with optional label smoothing."""
+    if not label_smoothing:
+        return tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    smoothed = tf.keras.losses.CategoricalCrossentropy(
+        from_logits=True, label_smoothing=label_smoothing)
+
+    def loss(labels, logits):
+        labels = tf.one_hot(tf.cast(tf.reshape(labels, [-1]), tf.int32), num_classes)
+        return smoothed(labels, logits)
+
+    return loss
+
+
+def compile_model(model, args):
+    model.compile(
+        optimizer=make_optimizer(args),
+        loss=sparse_cross_entropy(model.output_shape[-1], args.label_smoothing),
+        metrics=["accuracy", tf.keras.metrics.SparseTopKCategoricalAccuracy(5, name="top5")],
+    )
+
+
+def evaluate_keras(model, eval_ds):
+    """(top1, top5) in percent with the Keras model in inference mode."""
+    logits, labels = [], []
+    for x, y in eval_ds:
+        logits.append(model(x, training=False).numpy())
+        labels.append(y.numpy())
+    logits, labels = np.concatenate(logits), np.concatenate(labels)
+    return export.topk_accuracy(logits, labels, 1), export.topk_accuracy(logits, labels, 5)
+
+
+class EpochState(tf.keras.callbacks.Callback):
+    """After each epoch: save model + optimizer + epoch (for --resume) and the best
+    test top-1 so far (state.json)."""
+
+    def __init__(self, directory, checkpoint, epoch_var, best):
+        super().__init__()
+        self.manager = tf.train.CheckpointManager(checkpoint, directory, max_to_keep=1)
+        self.epoch_var = epoch_var
+        self.best = best
+        self.state_path = os.path.join(os.path.dirname(directory), "state.json")
+
+    def on_epoch_end(self, epoch, logs=None):
+        top1 = 100.0 * float((logs or {}).get("val_accuracy", 0.0))
+        if top1 > self.best["best_test_top1"]:
+            self.best.update(best_test_top1=round(top1, 4), best_epoch=epoch + 1)
+        self.epoch_var.assign(epoch + 1)
+        self.manager.save(checkpoint_number=epoch + 1)
+        _write_json(self.state_path, {"epoch": epoch + 1, **self.best})
+
+
+# --------------------------------------------------------------------------- main
+def run(args, load_data) -> dict:
+    """Train (or evaluate) as `args` says; returns the metrics written to metrics.json.
+
+    load_data(args) -> (train_arrays_or_None, eval_ds, num_classes, input_shape,
+                        make_train_ds(first_epoch) -> (dataset, steps), indicator_batch)
+    """
+    if args.quantizer != "float":
+        args.quantizer = canonical_estimator(args.quantizer)
+    if args.o_end < 1:
+        raise UsageError(f"--o-end must be >= 1 (got {args.o_end})")
+    if args.warmup < 0 or args.warmup >= args.epochs and args.warmup:
+        raise UsageError(f"--warmup must be in [0, epochs) (got {args.warmup})")
+    if args.label_smoothing >= 1:
+        raise UsageError(f"--label-smoothing must be < 1 (got {args.label_smoothing})")
+
+    if args.evaluate:
+        return evaluate_run(args, load_data)
+
+    directory = run_dir(args)
+    ckpt_dir = os.path.join(directory, "checkpoint")
+    metrics_path = os.path.join(directory, "metrics.json")
+    if args.resume:
+        if not os.path.isdir(ckpt_dir) or tf.train.latest_checkpoint(ckpt_dir) is None:
+            raise UsageError(f"--resume: no checkpoint in {ckpt_dir}; start the run without --resume")
+    elif os.path.exists(directory) and os.listdir(directory):
+        raise UsageError(
+            f"{directory} already holds a run; pass --resume to continue it, or --name/--results-dir for a new one")
+    if args.init_from and not os.path.isfile(os.path.join(args.init_from, "final.weights.h5")):
+        raise UsageError(f"--init-from: {args.init_from} has no final.weights.h5 (a finished run folder is needed)")
+
+    tf.keras.utils.set_random_seed(args.seed)
+    strategy = make_strategy(args)
+    data = load_data(args)
+    os.makedirs(directory, exist_ok=True)
+    with strategy.scope():
+        model = build_model(args, data.num_classes, data.input_shape)
+        add_weight_decay(model, args.weight_decay)
+        compile_model(model, args)
+        epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False)
+        checkpoint = _checkpoint_objects(model, model.optimizer, epoch_var)
+
+    best = {"best_test_top1": 0.0, "best_epoch": 0}
+    first_epoch = 0
+    if args.resume:
+        checkpoint.restore(tf.train.latest_checkpoint(ckpt_dir)).expect_partial()
+        first_epoch = int(epoch_var.numpy())
+        state_path = os.path.join(directory, "state.json")
+        if os.path.exists(state_path):
+            state = _load_json(state_path)
+            best = {k: state[k] for k in best}
+        saved_args = _load_json(os.path.join(directory, "args.json"))
+        if saved_args.get("epochs") != args.epochs:
+            raise UsageError(f"--resume with --epochs {args.epochs}, but the run was started with {saved_args.get('epochs')}")
+        print(f"resuming {directory} at epoch {first_epoch + 1}/{args.epochs}", flush=True)
+    else:
+        if args.init_from:
+            model.load_weights(os.path.join(args.init_from, "final.weights.h5"))
+        _write_json(os.path.join(directory, "args.json"), _json_args(args))
+
+    schedule = cb.EstimatorSchedule(args.epochs, o_end=args.o_end,
+                                    mu_start=args.mu_start, mu_end=args.mu_end)
+    callbacks = [
+        schedule,
+        cb.LearningRateSchedule(args.lr, args.epochs, args.warmup,
+                                "linear" if args.optimizer == "adam" else "cosine"),
+    ]
+    if args.indicators:
+        callbacks.append(cb.Indicators(data.indicator_batch, o=args.o_end))
+    callbacks += [
+        EpochState(ckpt_dir, checkpoint, epoch_var, best),
+        tf.keras.callbacks.CSVLogger(os.path.join(directory, "history.csv"), append=args.resume),
+        tf.keras.callbacks.TensorBoard(os.path.join(directory, "logs"), write_graph=False,
+                                       profile_batch=0),
+        tf.keras.callbacks.ModelCheckpoint(
+            os.path.join(directory, "best.weights.h5"), monitor="val_accuracy", mode="max",
+            save_best_only=True, save_weights_only=True,
+            initial_value_threshold=best["best_test_top1"] / 100.0 if args.resume else None),
+        tf.keras.callbacks.TerminateOnNaN(),
+    ]
+
+    started = time.time()
+    if first_epoch < args.epochs:
+        train_ds, steps = data.make_train(first_epoch)
+        model.fit(train_ds, epochs=args.epochs, initial_epoch=first_epoch,
+                  steps_per_epoch=steps, validation_data=data.eval_ds,
+                  callbacks=callbacks, verbose=args.verbose)
+    if model.stop_training and any(isinstance(c, tf.keras.callbacks.TerminateOnNaN) for c in callbacks):
+        history = os.path.join(directory, "history.csv")
+        if not os.path.exists(history) or "nan" in open(history).read():
+            raise UsageError("training diverged (NaN loss); see history.csv")
+    model.save_weights(os.path.join(directory, "final.weights.h5"))
+    metrics = _final_metrics(args, model, data, schedule)
+    metrics.update(best)
+    metrics["train_seconds"] = round(time.time() - started, 1)
+    if args.export:
+        metrics.update(_export(model, data, directory))
+    _write_json(metrics_path, metrics)
+    print(json.dumps({k: metrics[k] for k in metrics if k != "args"}, indent=1), flush=True)
+    return metrics
+
+
+def _final_metrics(args, model, data, schedule):
+    top1, top5 = evaluate_keras(model, data.eval_ds)
+    return {
+        "test_top1": round(top1, 4),
+        "test_top5": round(top5, 4),
+        "epochs": args.epochs,
+        "quantizer": args.quantizer,
+        "model": args.model,
+        "dataset": args.dataset,
+        "o_final": schedule.o_at(args.epochs - 1),
+        "finished": datetime.datetime.now().isoformat(timespec="seconds"),
+        "args": _json_args(args),
+    }
+
+
+def _export(model, data, directory):
+    flatbuffer = export.convert(model)
+    export.write_atomic(os.path.join(directory, "model.tflite"), flatbuffer)
+    ops = export.op_counts(flatbuffer)
+    top1, top5 = export.evaluate_tflite(flatbuffer, data.eval_ds)
+    return {
+        "tflite_test_top1": round(top1, 4),
+        "tflite_test_top5": round(top5, 4),
+        "tflite_bytes": len(flatbuffer),
+        "tflite_lce_bconv2d": ops.get("LceBconv2d", 0),
+        "binary_convs": export.count_binary_convs(model),
+    }
+
+
+def evaluate_run(args, load_data) -> dict:
+    """--evaluate RUN_DIR (or RUN_DIR/checkpoint): rebuild the run's model from its
+    args.json, load its latest checkpoint, and report the same metrics."""
+    path = args.evaluate.rstrip("/")
+    directory = os.path.dirname(path) if os.path.basename(path) == "checkpoint" else path
+    ckpt_dir = os.path.join(directory, "checkpoint")
+    args_path = os.path.join(directory, "args.json")
+    if not os.path.isfile(args_path) or tf.train.latest_checkpoint(ckpt_dir) is None:
+        raise UsageError(f"--evaluate: {args.evaluate} is not a run folder with args.json and checkpoint/")
+    saved = argparse.Namespace(**{**vars(args), **_load_json(args_path)})
+    saved.evaluate, saved.strategy, saved.logical_cpus = args.evaluate, "default", None
+    for override in ("data_dir", "download", "test_limit", "batch_size_test", "export"):
+        setattr(saved, override, getattr(args, override))
+    data = load_data(saved, train=False)
+    model = build_model(saved, data.num_classes, data.input_shape)
+    epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False)
+    tf.train.Checkpoint(model=model, epoch=epoch_var).restore(
+        tf.train.latest_checkpoint(ckpt_dir)).expect_partial()
+    metrics = _final_metrics(saved, model, data, cb.EstimatorSchedule(saved.epochs, saved.o_end))
+    metrics["evaluated_epoch"] = int(epoch_var.numpy())
+    if args.export:
+        metrics.update(_export_eval_only(model, data))
+    print(json.dumps({k: metrics[k] for k in metrics if k != "args"}, indent=1), flush=True)
+    return metrics
+
+
+def _export_eval_only(model, data):
+    flatbuffer = export.convert(model)
+    top1, top5 = export.evaluate_tflite(flatbuffer, data.eval_ds)
+    return {"tflite_test_top1": round(top1, 4), "tflite_test_top5": round(top5, 4),
+            "tflite_bytes": len(flatbuffer)}
+
+
+def main(description, *, models, datasets, defaults, load_data, argv=None) -> int:
+    """Parse, run, and turn expected failures into one-line errors (exit 2)."""
+    args = parser(description, models=models, datasets=datasets, defaults=defaults).parse_args(argv)
+    try:
+        run(args, load_data)
+    except (UsageError, DataNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+class Data:
+    """What a training run needs from its data source."""
+
+    def __init__(self, num_classes, input_shape, eval_ds, make_train=None, indicator_batch=None):
+        self.num_classes = num_classes
+        self.input_shape = tuple(input_shape)
+        self.eval_ds = eval_ds
+        self.make_train = make_train  # first_epoch -> (dataset, steps_per_epoch or None)
+        self.indicator_batch = indicator_batch
