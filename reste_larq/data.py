@@ -167,15 +167,19 @@ def _load_tfds_arrays(ds: DatasetInfo, split, data_dir, download):
 
     try:
         data = tfds.load(ds.name, split=split, data_dir=data_dir, as_supervised=True,
-                         batch_size=-1, download=download)
+                         download=download)
     except Exception as error:  # TFDS raises many kinds when offline
         raise DataNotFoundError(
             f"{ds.name} ({split}) not found offline and tensorflow-datasets could not "
             f"provide it ({type(error).__name__}: {str(error).splitlines()[0][:160]}); "
             f"{_offline_help(ds, data_dir)}"
         ) from None
-    images, labels = tfds.as_numpy(data)
-    images = np.asarray(images, dtype=np.uint8)
+    # Large batches, not batch_size=-1: TFDS's mock_data aborts the process on that.
+    chunks = list(data.batch(10_000).as_numpy_iterator())
+    if not chunks:
+        raise DataNotFoundError(f"{ds.name} ({split}) is empty in {data_dir or 'TFDS'}")
+    images = np.concatenate([c[0] for c in chunks]).astype(np.uint8)
+    labels = np.concatenate([c[1] for c in chunks])
     if images.ndim == 3:
         images = images[..., None]
     return images, np.asarray(labels, dtype=np.int64)
@@ -230,11 +234,21 @@ def train_dataset(images, labels, ds: DatasetInfo, batch_size: int, seed: int,
             .prefetch(tf.data.AUTOTUNE)), num_batches
 
 
+def without_autotune(dataset: tf.data.Dataset) -> tf.data.Dataset:
+    """Deleting an iterator of an autotuned dataset waits for the autotune thread's next
+    wake-up (up to ~0.5 s here). Datasets iterated anew each epoch (evaluation) turn
+    autotuning off and use explicit parallelism instead."""
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return dataset.with_options(options)
+
+
 def eval_dataset(images, labels, ds: DatasetInfo, batch_size: int) -> tf.data.Dataset:
-    return (tf.data.Dataset.from_tensor_slices((images, labels))
-            .batch(batch_size)
-            .map(lambda x, y: (normalize(x, ds), y), num_parallel_calls=tf.data.AUTOTUNE)
-            .prefetch(tf.data.AUTOTUNE))
+    return without_autotune(
+        tf.data.Dataset.from_tensor_slices((images, labels))
+        .batch(batch_size)
+        .map(lambda x, y: (normalize(x, ds), y), num_parallel_calls=os.cpu_count() or 1)
+        .prefetch(2))
 
 
 # ------------------------------------------------------------------------ ImageNet

@@ -50,10 +50,17 @@ def _positive_float(text):
     return value
 
 
+class _OneLineErrorParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (no usage block), like the run's own errors."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def parser(description, *, models, datasets, defaults):
     """argparse with the ReSTE reference's flags; `defaults` holds the recipe's values."""
-    p = argparse.ArgumentParser(description=description,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _OneLineErrorParser(description=description,
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--model", "-m", default=defaults["model"], choices=models, help="architecture")
     a("--quantizer", "--estimator", default="reste", metavar="NAME",
@@ -90,7 +97,7 @@ def parser(description, *, models, datasets, defaults):
     a("--evaluate", metavar="CHECKPOINT", default=None,
       help="a run folder (or its checkpoint/) to evaluate without training")
     a("--init-from", metavar="RUN_DIR", default=None,
-      help="start from another run's final weights (1W32A -> 1W1A two-stage recipe)")
+      help="start from another run's last checkpoint (1W32A -> 1W1A two-stage recipe)")
     a("--indicators", action="store_true",
       help="log ReSTE's estimating error and gradient stability per epoch")
     a("--export", action=argparse.BooleanOptionalAction, default=True,
@@ -151,6 +158,18 @@ def build_model(args, num_classes, input_shape):
         num_classes=num_classes, a32=True if args.a32 else None, padding=args.padding,
         sync_bn=args.strategy != "default",
     )
+
+
+def init_weights(model, twin, checkpoint_path):
+    """Load another run's weights into `model`, and nothing of its optimizer.
+
+    Restored by object graph into `twin` (an uncompiled model of model's architecture),
+    not by weight list: a 1W32A run has no activation quantizers, so its list differs.
+    Not into `model` itself: a compiled Keras model tracks its optimizer, and restoring
+    it would also restore the other run's SGD velocity (which carries its lr)."""
+    tf.train.Checkpoint(model=twin).restore(checkpoint_path).expect_partial() \
+        .assert_nontrivial_match()
+    model.set_weights(twin.get_weights())
 
 
 def add_weight_decay(model, weight_decay):
@@ -253,8 +272,11 @@ def run(args, load_data) -> dict:
     elif os.path.exists(directory) and os.listdir(directory):
         raise UsageError(
             f"{directory} already holds a run; pass --resume to continue it, or --name/--results-dir for a new one")
-    if args.init_from and not os.path.isfile(os.path.join(args.init_from, "final.weights.h5")):
-        raise UsageError(f"--init-from: {args.init_from} has no final.weights.h5 (a finished run folder is needed)")
+    init_checkpoint = None
+    if args.init_from:
+        init_checkpoint = tf.train.latest_checkpoint(os.path.join(args.init_from, "checkpoint"))
+        if init_checkpoint is None:
+            raise UsageError(f"--init-from: {args.init_from} is not a run folder with a checkpoint/")
 
     tf.keras.utils.set_random_seed(args.seed)
     strategy = make_strategy(args)
@@ -281,8 +303,10 @@ def run(args, load_data) -> dict:
             raise UsageError(f"--resume with --epochs {args.epochs}, but the run was started with {saved_args.get('epochs')}")
         print(f"resuming {directory} at epoch {first_epoch + 1}/{args.epochs}", flush=True)
     else:
-        if args.init_from:
-            model.load_weights(os.path.join(args.init_from, "final.weights.h5"))
+        if init_checkpoint:
+            init_weights(model, build_model(args, data.num_classes, data.input_shape),
+                         init_checkpoint)
+            print(f"initialized from {init_checkpoint}", flush=True)
         _write_json(os.path.join(directory, "args.json"), _json_args(args))
 
     schedule = cb.EstimatorSchedule(args.epochs, o_end=args.o_end,

@@ -11,8 +11,10 @@ lq.models.summary(model)
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
+import logging
 from typing import Callable
 
 import tensorflow as tf
@@ -65,6 +67,20 @@ _MODELS = {
         kernel_initializer="glorot_normal", kernel_constraint="weight_clip",
     ),
 }
+
+
+@contextlib.contextmanager
+def _quiet_larq_constraint_warning():
+    """Larq warns once per binary conv built without a kernel constraint; these models
+    leave latent weights unclipped on purpose (as the ReSTE reference), so the warning
+    would only repeat itself dozens of times per model."""
+    logger = logging.getLogger("larq.layers_base")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def available(family: str | None = None) -> list[str]:
@@ -124,6 +140,6 @@ def build(
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2 (got {num_classes})")
     inputs = tf.keras.Input(tuple(input_shape or model_info.input_shape), name="image")
-    with synchronized_batch_norm(sync_bn):
+    with synchronized_batch_norm(sync_bn), _quiet_larq_constraint_warning():
         outputs = model_info.factory(inputs, spec, num_classes, **options)
     return tf.keras.Model(inputs, outputs, name=name)

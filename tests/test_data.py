@@ -1,0 +1,167 @@
+"""Offline readers on files in the official formats (written here), TFDS via
+mock_data, clear errors, and deterministic per-epoch pipelines."""
+
+import gzip
+import os
+import pickle
+import tarfile
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from reste_larq import data
+
+
+def write_cifar10(root, n_per_batch=4, archive=False, seed=0):
+    """A tiny CIFAR-10 in the official python format: 5 data batches + test batch of
+    rows of 3072 bytes (R plane, G plane, B plane) and a `labels` list."""
+    rng = np.random.default_rng(seed)
+    folder = os.path.join(root, "cifar-10-batches-py")
+    os.makedirs(folder, exist_ok=True)
+    images, labels = {}, {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        imgs = rng.integers(0, 256, (n_per_batch, 32, 32, 3), dtype=np.uint8)
+        labs = list(rng.integers(0, 10, n_per_batch))
+        rows = imgs.transpose(0, 3, 1, 2).reshape(n_per_batch, 3072)
+        with open(os.path.join(folder, name), "wb") as f:
+            pickle.dump({b"data": rows, b"labels": labs, b"batch_label": name.encode()}, f)
+        images[name], labels[name] = imgs, labs
+    if archive:
+        with tarfile.open(os.path.join(root, "cifar-10-python.tar.gz"), "w:gz") as tar:
+            tar.add(folder, arcname="cifar-10-batches-py")
+        for f in os.listdir(folder):
+            os.remove(os.path.join(folder, f))
+        os.rmdir(folder)
+    train_x = np.concatenate([images[f"data_batch_{i}"] for i in range(1, 6)])
+    train_y = np.concatenate([labels[f"data_batch_{i}"] for i in range(1, 6)])
+    return (train_x, train_y), (images["test_batch"], np.array(labels["test_batch"]))
+
+
+def write_idx(root, split, images, labels):
+    image_file, label_file = data._IDX[split]
+    header = b"\x00\x00\x08\x03" + b"".join(int(d).to_bytes(4, "big") for d in images.shape)
+    with gzip.open(os.path.join(root, image_file), "wb") as f:
+        f.write(header + images.astype(np.uint8).tobytes())
+    with gzip.open(os.path.join(root, label_file), "wb") as f:
+        f.write(b"\x00\x00\x08\x01" + len(labels).to_bytes(4, "big") + labels.astype(np.uint8).tobytes())
+
+
+@pytest.mark.parametrize("archive", [False, True])
+def test_cifar10_official_format(tmp_path, archive):
+    (train_x, train_y), (test_x, test_y) = write_cifar10(str(tmp_path), archive=archive)
+    x, y = data.load_arrays("cifar10", "train", str(tmp_path))
+    np.testing.assert_array_equal(x, train_x)
+    np.testing.assert_array_equal(y, train_y)
+    x, y = data.load_arrays("cifar10", "test", str(tmp_path))
+    np.testing.assert_array_equal(x, test_x)
+    assert x.dtype == np.uint8 and x.shape == (4, 32, 32, 3)
+
+
+def test_cifar100_official_format(tmp_path):
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    for name in ("train", "test"):
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"data": imgs.transpose(0, 3, 1, 2).reshape(3, -1),
+                         b"fine_labels": [5, 99, 0], b"coarse_labels": [1, 2, 3]}, f)
+    x, y = data.load_arrays("cifar100", "test", str(tmp_path))
+    np.testing.assert_array_equal(x, imgs)
+    np.testing.assert_array_equal(y, [5, 99, 0])
+
+
+@pytest.mark.parametrize("name", ["mnist", "fashion_mnist"])
+def test_idx_format(tmp_path, name):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (5, 28, 28), dtype=np.uint8)
+    labels = rng.integers(0, 10, 5)
+    write_idx(str(tmp_path), "test", images, labels)
+    x, y = data.load_arrays(name, "test", str(tmp_path))
+    np.testing.assert_array_equal(x[..., 0], images)
+    np.testing.assert_array_equal(y, labels)
+
+
+@pytest.mark.skipif(not os.path.isdir("/usr/share/datasets/fashion-mnist"),
+                    reason="Debian's dataset-fashion-mnist is not installed")
+def test_debian_fashion_mnist_is_found_without_data_dir():
+    x, y = data.load_arrays("fashion_mnist", "test")
+    assert x.shape == (10000, 28, 28, 1) and set(np.unique(y)) == set(range(10))
+
+
+def test_tfds_mock_data():
+    with tfds.testing.mock_data(num_examples=12):
+        x, y = data.load_arrays("cifar10", "train", download=False)
+    assert x.shape == (12, 32, 32, 3) and x.dtype == np.uint8 and y.shape == (12,)
+
+
+def test_missing_data_dir_names_the_files(tmp_path):
+    missing = str(tmp_path / "nowhere")
+    with pytest.raises(data.DataNotFoundError, match="cifar-10-python.tar.gz"):
+        data.load_arrays("cifar10", "train", missing)
+
+
+def test_no_data_and_no_download_names_the_files(tmp_path):
+    with pytest.raises(data.DataNotFoundError) as error:
+        data.load_arrays("mnist", "train", str(tmp_path), download=False)
+    assert "train-images-idx3-ubyte.gz" in str(error.value)
+    assert str(tmp_path) in str(error.value)
+
+
+def test_unknown_dataset():
+    with pytest.raises(ValueError, match="choose one of cifar10, cifar100"):
+        data.info("svhn")
+
+
+def _batches(ds):
+    return [(x.numpy(), y.numpy()) for x, y in ds]
+
+
+def test_train_pipeline_is_a_function_of_seed_and_epoch():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (10, 32, 32, 3), dtype=np.uint8)
+    labels = np.arange(10)
+    info = data.info("cifar10")
+    full, steps = data.train_dataset(images, labels, info, 4, seed=7, first_epoch=0, epochs=3)
+    assert steps == 3
+    full = _batches(full)
+    assert len(full) == 9 and full[2][0].shape == (2, 32, 32, 3)  # last partial batch kept
+    resumed, _ = data.train_dataset(images, labels, info, 4, seed=7, first_epoch=1, epochs=3)
+    for (a, b), (c, d) in zip(full[3:], _batches(resumed)):
+        np.testing.assert_array_equal(a, c)
+        np.testing.assert_array_equal(b, d)
+    # each epoch is a permutation of all examples, different between epochs
+    epoch_labels = [np.concatenate([y for _, y in full[3 * e: 3 * e + 3]]) for e in range(3)]
+    for e in epoch_labels:
+        assert sorted(e) == list(range(10))
+    assert not np.array_equal(epoch_labels[0], epoch_labels[1])
+    other_seed = _batches(data.train_dataset(images, labels, info, 4, seed=8, first_epoch=0, epochs=1)[0])
+    assert not all(np.array_equal(a[0], b[0]) for a, b in zip(full, other_seed))
+
+
+def test_augmentation_is_crop_and_flip_of_the_image():
+    image = np.arange(32 * 32 * 3, dtype=np.int64).reshape(32, 32, 3) % 251
+    info = data.info("cifar10")
+    seen_flip = seen_shift = False
+    for i in range(20):
+        out = data._augment(tf.constant(image.astype(np.uint8)), tf.constant([3, i], tf.int64), info).numpy()
+        padded = np.pad(image, [(4, 4), (4, 4), (0, 0)])
+        matches = [(dy, dx, flip) for dy in range(9) for dx in range(9) for flip in (False, True)
+                   if np.array_equal(out, (padded[dy:dy + 32, dx:dx + 32][:, ::-1] if flip
+                                           else padded[dy:dy + 32, dx:dx + 32]))]
+        assert matches, "output is not a 32x32 crop (maybe flipped) of the padded image"
+        seen_flip |= any(m[2] for m in matches)
+        seen_shift |= any(m[:2] != (4, 4) for m in matches)
+    assert seen_flip and seen_shift
+
+
+def test_mnist_is_not_flipped():
+    assert not data.info("mnist").flip and data.info("fashion_mnist").flip
+
+
+def test_normalization_uses_reference_statistics():
+    info = data.info("cifar10")
+    white = data.normalize(tf.fill((1, 1, 1, 3), tf.constant(255, tf.uint8)), info).numpy().ravel()
+    np.testing.assert_allclose(white, (1 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225]), rtol=1e-6)

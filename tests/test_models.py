@@ -1,0 +1,203 @@
+"""Every model: builds per estimator family (1W1A and 1W32A) and trains a step, has the
+published parameter count, converts every binary conv to LceBconv2d, and its TFLite
+twin agrees with Keras in inference mode."""
+
+import io
+import contextlib
+
+import larq as lq
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from reste_larq import export, models
+from reste_larq.quantizers import estimators
+
+CIFAR = models.available("cifar")
+IMAGENET = models.available("imagenet")
+FAMILIES = estimators()
+
+
+def small_input(name):
+    # Smallest input every model's strides and pools accept: keeps the cross product fast.
+    return (32, 32, 3) if name in IMAGENET else (8, 8, 3)
+
+
+def train_one_step(model):
+    model.compile(tf.keras.optimizers.SGD(0.01, momentum=0.9),
+                  tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    shape = model.input_shape[1:]
+    x = np.random.default_rng(0).standard_normal((2, *shape)).astype(np.float32)
+    before = [w.numpy() for w in model.trainable_weights]
+    loss = model.train_on_batch(x, np.array([0, 1]))
+    assert np.isfinite(loss)
+    changed = [not np.array_equal(a, w.numpy()) for a, w in zip(before, model.trainable_weights)]
+    assert sum(changed) > len(changed) // 2  # gradients reach most weights
+
+
+def test_available_and_errors():
+    assert set(CIFAR) == {"resnet20_1w1a", "resnet20_bireal_1w1a", "resnet18_1w1a",
+                          "vgg_small_1w1a", "wrn20_10_1bit"}
+    assert set(IMAGENET) == {"resnet18_1w1a_imagenet", "resnet34_1w1a_imagenet",
+                             "birealnet18", "birealnet34"}
+    with pytest.raises(ValueError, match="choose one of resnet20_1w1a"):
+        models.build("resnet21")
+    with pytest.raises(ValueError, match="accepts width"):
+        models.build("wrn20_10_1bit", depth=28)
+    with pytest.raises(ValueError, match="choose one of"):
+        models.build("resnet20_1w1a", quantizer="sgn")
+    with pytest.raises(ValueError, match="padding must be one of one, zero"):
+        models.build("resnet20_1w1a", padding="reflect")
+
+
+@pytest.mark.parametrize("name", CIFAR + IMAGENET)
+@pytest.mark.parametrize("a32", [False, True])
+def test_each_model_builds_and_trains_a_step(name, a32):
+    train_one_step(models.build(name, input_shape=small_input(name), num_classes=5, a32=a32))
+
+
+@pytest.mark.parametrize("family", FAMILIES + ["float"])
+@pytest.mark.parametrize("a32", [False, True])
+def test_each_estimator_family_trains_resnet20(family, a32):
+    train_one_step(models.build("resnet20_1w1a", quantizer=family, input_shape=(8, 8, 3), a32=a32))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", CIFAR + IMAGENET)
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("a32", [False, True])
+def test_full_cross_product_trains_a_step(name, family, a32):
+    train_one_step(models.build(name, quantizer=family, input_shape=small_input(name),
+                                num_classes=5, a32=a32))
+
+
+# Published sizes: ResNet-20 0.27M, VGG-small 4.66M, CIFAR ResNet-18 11.2M,
+# WRN-20-10 26.8M, ImageNet ResNet-18 11.7M / ResNet-34 21.8M.
+PARAMS = {
+    "resnet20_1w1a": 0.27e6, "resnet20_bireal_1w1a": 0.27e6, "resnet18_1w1a": 11.17e6,
+    "vgg_small_1w1a": 4.66e6, "wrn20_10_1bit": 26.8e6, "resnet18_1w1a_imagenet": 11.7e6,
+    "resnet34_1w1a_imagenet": 21.8e6, "birealnet18": 11.7e6, "birealnet34": 21.8e6,
+}
+
+
+@pytest.mark.parametrize("name", CIFAR + IMAGENET)
+def test_parameter_counts_match_published(name):
+    assert models.build(name).count_params() == pytest.approx(PARAMS[name], rel=0.01)
+
+
+def test_birealnet18_matches_larq_zoo():
+    import larq_zoo
+
+    ours = models.build("birealnet18")
+    zoo = larq_zoo.literature.BiRealNet(weights=None)
+    assert ours.count_params() == zoo.count_params()
+    kinds = lambda m: [type(layer).__name__ for layer in m.layers  # noqa: E731
+                       if isinstance(layer, (tf.keras.layers.Conv2D, tf.keras.layers.Dense))]
+    assert kinds(ours) == kinds(zoo)
+
+
+def expected_binary_mac_ratio(model):
+    """1-bit MACs / all MACs from the layers themselves: binary convs vs float layers."""
+    binary = floating = 0
+    for layer in model.layers:
+        if isinstance(layer, (tf.keras.layers.Conv2D, tf.keras.layers.Dense)):
+            out = np.prod(layer.output_shape[1:-1]) if isinstance(layer, tf.keras.layers.Conv2D) else 1
+            macs = int(np.prod(layer.kernel.shape)) * int(out)
+            binary_input = getattr(getattr(layer, "input_quantizer", None), "precision", None) == 1
+            if isinstance(layer, lq.layers.QuantConv2D) and binary_input:
+                binary += macs
+            else:
+                floating += macs
+    return binary / (binary + floating)
+
+
+@pytest.mark.parametrize("name", ["resnet20_1w1a", "vgg_small_1w1a", "birealnet18"])
+def test_larq_summary_and_binarized_mac_ratio(name):
+    model = models.build(name)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        lq.models.summary(model)
+    text = out.getvalue()
+    reported = float(text.split("Ratio of MACs that are binarized")[1].split()[0])
+    assert reported == pytest.approx(expected_binary_mac_ratio(model), abs=1e-4)
+    assert reported > 0.9  # Bi-Real-18: 0.924 (float 7x7 stem and 1x1 shortcuts)
+
+
+def with_trained_batchnorm(model):
+    """Random BN statistics so that conversion is checked on a non-trivial network."""
+    rng = np.random.default_rng(0)
+    for layer in model.layers:
+        if isinstance(layer, tf.keras.layers.BatchNormalization):
+            for w in layer.weights:
+                base = 1.0 if ("gamma" in w.name or "variance" in w.name) else 0.0
+                w.assign(base + 0.2 * rng.standard_normal(w.shape).astype(np.float32) * (0.5 if base else 1))
+    return model
+
+
+def max_diff_per_sample(model, x, flatbuffer=None):
+    keras_out = model(x, training=False).numpy()
+    tflite_out = export.predict_tflite(flatbuffer or export.convert(model), x)
+    diff = np.abs(keras_out - tflite_out).reshape(len(x), -1)
+    scale = np.maximum(1.0, np.abs(keras_out).reshape(len(x), -1).max(1))
+    return diff.max(1) / scale, keras_out, tflite_out
+
+
+def check_conversion(model, samples=8):
+    """Every binary conv becomes LceBconv2d, only float convs stay CONV_2D, and the
+    TFLite model computes what Keras computes in inference mode.
+
+    TFLite fuses BN into the binary conv's output transform, so float rounding differs
+    at the 1e-7 level; a pre-activation that close to 0 flips its sign in one of the two
+    and the flip spreads through every later layer (in Bi-Real-18 one flipped bit
+    changes exactly 3x3x64 outputs of the next conv, then more each layer). Deep
+    untrained nets with ~1.5M sign inputs per image see about one such flip per image.
+    So: float-tolerance agreement on a prefix through the second binary conv (too
+    short for a cascade), and agreeing predictions on the whole model."""
+    flatbuffer = export.convert(model)
+    ops = export.op_counts(flatbuffer)
+    assert ops.get("LceBconv2d", 0) == export.count_binary_convs(model) > 0
+    float_convs = sum(1 for l in model.layers if type(l) is tf.keras.layers.Conv2D)
+    assert ops.get("CONV_2D", 0) == float_convs
+
+    x = np.random.default_rng(1).standard_normal((samples, *model.input_shape[1:])).astype(np.float32)
+    binary = [l for l in model.layers if isinstance(l, lq.layers.QuantConv2D)
+              and getattr(l.input_quantizer, "precision", None) == 1]
+    prefix = tf.keras.Model(model.input, binary[min(1, len(binary) - 1)].output)
+    prefix_diff, _, _ = max_diff_per_sample(prefix, x)
+    assert (prefix_diff < 1e-4).sum() >= samples - 1, prefix_diff
+
+    diff, keras_out, tflite_out = max_diff_per_sample(model, x, flatbuffer)
+    agree = (keras_out.argmax(1) == tflite_out.argmax(1)).mean()
+    assert agree >= 0.75, (agree, diff)
+    return diff < 1e-4
+
+
+@pytest.mark.parametrize("name", CIFAR)
+@pytest.mark.parametrize("padding", ["one", "zero"])
+def test_cifar_models_convert_completely(name, padding):
+    a32 = False  # WRN is 1W32A by default; converting its 1W1A form checks every conv
+    check_conversion(with_trained_batchnorm(models.build(name, padding=padding, a32=a32)))
+
+
+@pytest.mark.parametrize("name", ["birealnet18"])
+def test_imagenet_model_converts_completely(name):
+    check_conversion(with_trained_batchnorm(models.build(name)), samples=4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["resnet18_1w1a_imagenet", "resnet34_1w1a_imagenet", "birealnet34"])
+def test_imagenet_models_convert_completely_slow(name):
+    check_conversion(with_trained_batchnorm(models.build(name)), samples=4)
+
+
+@pytest.mark.parametrize("quantizer", ["reste", "bnnpp", "ste"])
+def test_resnet20_converts_exactly_for_estimators(quantizer):
+    close = check_conversion(with_trained_batchnorm(models.build("resnet20_1w1a", quantizer=quantizer)))
+    assert all(close)  # 0.3M sign inputs per image: flips are rare enough to demand all
+
+
+def test_a32_keeps_activations_real_and_converts_to_float_convs():
+    model = models.build("resnet20_1w1a", a32=True)
+    assert export.count_binary_convs(model) == 0
+    ops = export.op_counts(export.convert(model))
+    assert "LceBconv2d" not in ops and ops["CONV_2D"] == 19
