@@ -23,6 +23,7 @@ if [ ! -d "$data" ]; then
   fi
 fi
 
+run="quickstart_$(date +%Y%m%d_%H%M%S)"
 python -m train.cifar --dataset fashion_mnist --quantizer reste --epochs 3 --warmup 1 \
-  --results-dir results --name quickstart_fashion_mnist_reste --no-download "$@"
-echo "outputs: results/quickstart_fashion_mnist_reste/ (model.tflite, metrics.json, history.csv, logs/)"
+  --results-dir results --name "$run" --no-download "$@"
+echo "outputs in results/$run/: model.tflite, metrics.json, history.csv, checkpoint/, logs/"
