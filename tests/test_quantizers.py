@@ -290,3 +290,20 @@ def test_small_network_converts_to_lce_bconv(name):
     ops = op_counts(convert(model))
     assert ops["LceBconv2d"] == 2
     assert ops["CONV_2D"] == 1  # only the float stem
+
+
+@pytest.mark.parametrize("name", ["reste", "bnnpp"])
+def test_mixed_float16_network_has_finite_gradients(name):
+    tf.keras.mixed_precision.set_global_policy("mixed_float16")
+    model = small_net(name)
+    schedule = EstimatorSchedule(epochs=3, o_end=3.0)
+    x = np.zeros((4, 8, 8, 3), np.float32)
+    x[1] = 1e-30
+    x[2] = 6e4  # near the float16 maximum
+    x[3] = np.random.default_rng(0).standard_normal((8, 8, 3))
+    for epoch in range(3):
+        schedule.apply(model, epoch)
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.square(tf.cast(model(x, training=True), tf.float32)))
+        grads = tape.gradient(loss, model.trainable_weights)
+        assert all(np.isfinite(g.numpy()).all() for g in grads if g is not None), epoch

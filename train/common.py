@@ -255,7 +255,7 @@ def run(args, load_data) -> dict:
         args.quantizer = canonical_estimator(args.quantizer)
     if args.o_end < 1:
         raise UsageError(f"--o-end must be >= 1 (got {args.o_end})")
-    if args.warmup < 0 or args.warmup >= args.epochs and args.warmup:
+    if args.warmup < 0 or (args.warmup and args.warmup >= args.epochs):
         raise UsageError(f"--warmup must be in [0, epochs) (got {args.warmup})")
     if args.label_smoothing >= 1:
         raise UsageError(f"--label-smoothing must be < 1 (got {args.label_smoothing})")
@@ -336,10 +336,8 @@ def run(args, load_data) -> dict:
         model.fit(train_ds, epochs=args.epochs, initial_epoch=first_epoch,
                   steps_per_epoch=steps, validation_data=data.eval_ds,
                   callbacks=callbacks, verbose=args.verbose)
-    if model.stop_training and any(isinstance(c, tf.keras.callbacks.TerminateOnNaN) for c in callbacks):
-        history = os.path.join(directory, "history.csv")
-        if not os.path.exists(history) or "nan" in open(history).read():
-            raise UsageError("training diverged (NaN loss); see history.csv")
+    if model.stop_training:  # only TerminateOnNaN stops a run early
+        raise UsageError(f"training diverged (NaN loss); see {directory}/history.csv")
     model.save_weights(os.path.join(directory, "final.weights.h5"))
     metrics = _final_metrics(args, model, data, schedule)
     metrics.update(best)
@@ -366,9 +364,12 @@ def _final_metrics(args, model, data, schedule):
     }
 
 
-def _export(model, data, directory):
+def _export(model, data, directory=None):
+    """Convert with LCE, evaluate the flatbuffer with LCE's interpreter, and (with a
+    run directory) write model.tflite."""
     flatbuffer = export.convert(model)
-    export.write_atomic(os.path.join(directory, "model.tflite"), flatbuffer)
+    if directory:
+        export.write_atomic(os.path.join(directory, "model.tflite"), flatbuffer)
     ops = export.op_counts(flatbuffer)
     top1, top5 = export.evaluate_tflite(flatbuffer, data.eval_ds)
     return {
@@ -401,16 +402,9 @@ def evaluate_run(args, load_data) -> dict:
     metrics = _final_metrics(saved, model, data, cb.EstimatorSchedule(saved.epochs, saved.o_end))
     metrics["evaluated_epoch"] = int(epoch_var.numpy())
     if args.export:
-        metrics.update(_export_eval_only(model, data))
+        metrics.update(_export(model, data))
     print(json.dumps({k: metrics[k] for k in metrics if k != "args"}, indent=1), flush=True)
     return metrics
-
-
-def _export_eval_only(model, data):
-    flatbuffer = export.convert(model)
-    top1, top5 = export.evaluate_tflite(flatbuffer, data.eval_ds)
-    return {"tflite_test_top1": round(top1, 4), "tflite_test_top5": round(top5, 4),
-            "tflite_bytes": len(flatbuffer)}
 
 
 def main(description, *, models, datasets, defaults, load_data, argv=None) -> int:
