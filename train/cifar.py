@@ -47,15 +47,17 @@ def load_data(args, train: bool = True) -> common.Data:
     return common.Data(info.num_classes, train_x.shape[1:], eval_ds, make_train, indicator_batch)
 
 
-def main(argv=None) -> int:
-    return common.main(
+def build_parser():
+    return common.parser(
         "Train a binary network on a small-image dataset (ReSTE CIFAR recipe).",
         models=models.available("cifar"),
         datasets=list(data.SMALL_IMAGE_DATASETS),
         defaults=DEFAULTS,
-        load_data=load_data,
-        argv=argv,
     )
+
+
+def main(argv=None) -> int:
+    return common.main(build_parser(), load_data, argv)
 
 
 if __name__ == "__main__":

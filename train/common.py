@@ -24,6 +24,9 @@ from reste_larq.data import DataNotFoundError  # noqa: E402
 from reste_larq.quantizers import canonical_estimator, estimators  # noqa: E402
 
 
+ADAM_LR = 1e-3  # Adam's usual rate in the Bi-Real / BNN-tricks recipes
+
+
 class UsageError(Exception):
     """Bad command line or run state: printed as one line, exit code 2."""
 
@@ -50,6 +53,13 @@ def _positive_float(text):
     return value
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except None ones (those flags explain their default in words)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 class _OneLineErrorParser(argparse.ArgumentParser):
     """argparse whose errors are one line (no usage block), like the run's own errors."""
 
@@ -59,8 +69,7 @@ class _OneLineErrorParser(argparse.ArgumentParser):
 
 def parser(description, *, models, datasets, defaults):
     """argparse with the ReSTE reference's flags; `defaults` holds the recipe's values."""
-    p = _OneLineErrorParser(description=description,
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _OneLineErrorParser(description=description, formatter_class=_HelpFormatter)
     a = p.add_argument
     a("--model", "-m", default=defaults["model"], choices=models, help="architecture")
     a("--quantizer", "--estimator", default="reste", metavar="NAME",
@@ -71,7 +80,8 @@ def parser(description, *, models, datasets, defaults):
     a("--download", action=argparse.BooleanOptionalAction, default=True,
       help="let tensorflow-datasets download when the data is not found locally")
     a("--epochs", type=_positive_int, default=defaults["epochs"], help="training epochs")
-    a("--lr", type=_positive_float, default=defaults["lr"], help="base learning rate")
+    a("--lr", type=_positive_float, default=None,
+      help=f"base learning rate (default: {defaults['lr']} with sgd, {ADAM_LR} with adam)")
     a("-b", "--batch-size", type=_positive_int, default=defaults["batch_size"],
       help="global training batch size")
     a("--batch-size-test", "-bt", type=_positive_int, default=defaults["batch_size_test"],
@@ -111,6 +121,7 @@ def parser(description, *, models, datasets, defaults):
     a("--logical-cpus", type=_positive_int, default=None,
       help="split the CPU into N logical devices (to exercise --strategy on one machine)")
     a("--verbose", type=int, default=1, choices=(0, 1, 2), help="Keras progress output")
+    p.set_defaults(sgd_lr=defaults["lr"])
     return p
 
 
@@ -251,6 +262,8 @@ def run(args, load_data) -> dict:
     load_data(args) -> (train_arrays_or_None, eval_ds, num_classes, input_shape,
                         make_train_ds(first_epoch) -> (dataset, steps), indicator_batch)
     """
+    if args.lr is None:
+        args.lr = ADAM_LR if args.optimizer == "adam" else args.sgd_lr
     if args.quantizer != "float":
         args.quantizer = canonical_estimator(args.quantizer)
     if args.o_end < 1:
@@ -407,9 +420,9 @@ def evaluate_run(args, load_data) -> dict:
     return metrics
 
 
-def main(description, *, models, datasets, defaults, load_data, argv=None) -> int:
+def main(arg_parser: argparse.ArgumentParser, load_data, argv=None) -> int:
     """Parse, run, and turn expected failures into one-line errors (exit 2)."""
-    args = parser(description, models=models, datasets=datasets, defaults=defaults).parse_args(argv)
+    args = arg_parser.parse_args(argv)
     try:
         run(args, load_data)
     except (UsageError, DataNotFoundError, ValueError) as error:

@@ -43,15 +43,17 @@ def load_data(args, train: bool = True) -> common.Data:
                        lambda first_epoch: (train_ds, None), indicator_batch)
 
 
-def main(argv=None) -> int:
-    return common.main(
+def build_parser():
+    return common.parser(
         "Train a binary network on ImageNet (ReSTE ImageNet recipe).",
         models=models.available("imagenet"),
         datasets=["imagenet2012"],
         defaults=DEFAULTS,
-        load_data=load_data,
-        argv=argv,
     )
+
+
+def main(argv=None) -> int:
+    return common.main(build_parser(), load_data, argv)
 
 
 if __name__ == "__main__":

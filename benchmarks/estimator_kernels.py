@@ -1,0 +1,90 @@
+"""Cost of one estimator backward pass on an activation-sized tensor, before and after
+the ReSTE/BNN++ speed-ups.
+
+    python benchmarks/estimator_kernels.py            # 128x32x32x16, 30 repeats
+
+Times d(loss)/dx = dy * q'(x) for a 128x32x32x16 float32 tensor (the largest binary
+activation of resnet20_1w1a at batch 128), interleaved, median of --repeats:
+- ste_sign (Larq): where(|x| <= 1, dy, 0), unfused TF ops;
+- reste, pow form (the first implementation): tf.pow, which has no vectorized CPU kernel;
+- reste, exp/log form, unfused TF ops;
+- reste, shipped: exp/log form fused by XLA (`reste_larq.quantizers._reste_backward`);
+- bnn+ (Larq's swish_sign backward) and bnnpp/bnn+ shipped (XLA-fused SignSwish derivative).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from reste_larq import quantizers as Q  # noqa: E402
+
+
+def ste_backward(x, dy):
+    return tf.where(tf.abs(x) <= 1.0, dy, tf.zeros_like(dy))
+
+
+def reste_backward_pow(x, dy, o, t=1.5, interval=0.1):
+    ax = tf.abs(x)
+    exponent = (1.0 - o) / o
+    inner = tf.pow(tf.constant(interval), exponent)
+    outer = tf.pow(tf.maximum(ax, interval), exponent) / o
+    slope = tf.where(ax <= interval, inner, outer)
+    return dy * tf.where(ax <= t, slope, tf.zeros_like(slope))
+
+
+def reste_backward_unfused(x, dy, o):
+    return dy * Q.reste_gradient(x, o)
+
+
+def larq_swish_backward(x, dy, beta=5.0):
+    b_x = beta * x
+    return dy * beta * (2 - b_x * tf.tanh(b_x * 0.5)) / (1 + tf.cosh(b_x))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", type=int, nargs=4, default=[128, 32, 32, 16])
+    p.add_argument("--repeats", type=int, default=30)
+    args = p.parse_args(argv)
+
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.standard_normal(args.shape).astype(np.float32))
+    dy = tf.constant(rng.standard_normal(args.shape).astype(np.float32))
+    o, mu = tf.constant(2.0), tf.constant(5.0)
+    variants = {
+        "ste_sign backward (Larq)": tf.function(lambda: ste_backward(x, dy)),
+        "reste, tf.pow (before)": tf.function(lambda: reste_backward_pow(x, dy, o)),
+        "reste, exp/log unfused": tf.function(lambda: reste_backward_unfused(x, dy, o)),
+        "reste, exp/log XLA (shipped)": tf.function(lambda: Q._reste_backward(x, dy, o, 1.5, 0.1)),
+        "swish_sign backward (Larq)": tf.function(lambda: larq_swish_backward(x, dy)),
+        "signswish XLA (bnnpp, bnn+)": tf.function(lambda: Q._signswish_backward(x, dy, mu)),
+    }
+    np.testing.assert_allclose(variants["reste, tf.pow (before)"]().numpy(),
+                               variants["reste, exp/log XLA (shipped)"]().numpy(), rtol=1e-4, atol=1e-5)
+    times = {name: [] for name in variants}
+    for fn in variants.values():
+        fn().numpy()  # trace / compile
+    for _ in range(args.repeats):
+        for name, fn in variants.items():
+            start = time.perf_counter()
+            fn().numpy()
+            times[name].append(1000 * (time.perf_counter() - start))
+    base = statistics.median(times["ste_sign backward (Larq)"])
+    print(f"backward of a {'x'.join(map(str, args.shape))} float32 tensor, median of "
+          f"{args.repeats} interleaved runs, {os.cpu_count()} CPUs, TF {tf.__version__}")
+    print(f"{'variant':<32}{'median ms':>10}{'min':>8}{'max':>8}{'x ste_sign':>12}")
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        print(f"{name:<32}{med:>10.2f}{min(ts):>8.2f}{max(ts):>8.2f}{med / base:>12.2f}")
+
+
+if __name__ == "__main__":
+    main()
