@@ -215,10 +215,10 @@ class _ScheduledSign(_BaseQuantizer):
     """A binary quantizer with one schedulable float (ReSTE's o, BNN++'s mu).
 
     The value lives in a non-trainable variable so a callback can change it between
-    epochs without retracing. The variable is tracked (SavedModel and TF checkpoints
-    restore it) but kept out of `weights`, like Larq's own quantizer state, so model
-    summaries count only the architecture; `get_config` carries its current value, so
-    `.h5` files restore it too.
+    epochs without retracing. It is kept out of the layer's `weights`, like Larq's own
+    quantizer state, so summaries and parameter counts see only the architecture, but
+    it is tracked: SavedModel, TF checkpoints and `.weights.h5` files restore it, and
+    `get_config` carries its current value for legacy full-model `.h5` files.
     """
 
     precision = 1

@@ -2,7 +2,6 @@
 serialization and LCE conversion."""
 
 import math
-import os
 
 import larq as lq
 import numpy as np

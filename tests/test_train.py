@@ -118,6 +118,8 @@ def test_resume_after_crash_ends_where_uninterrupted_run_ends(cifar_dir, tmp_pat
     assert run_cli(*common, "--name", "crashed") == 2  # an unfinished run is not overwritten
     assert "--resume" in capsys.readouterr().err
 
+    assert run_cli(*common, "--name", "crashed", "--resume", "--seed", "7") == 2
+    assert "--seed 7 (run has 1234)" in capsys.readouterr().err
     assert run_cli(*common, "--name", "crashed", "--resume") == 0
     assert "resuming" in capsys.readouterr().out
     straight, resumed = history(str(tmp_path / "straight")), history(crashed)

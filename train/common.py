@@ -6,7 +6,6 @@ data -> model -> compile -> fit (callbacks) -> export (LCE) -> evaluate (Keras, 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import os
@@ -144,8 +143,18 @@ def _write_json(path, data):
     export.write_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def _checkpoint_objects(model, optimizer, epoch_var):
-    return tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=epoch_var)
+# Flags that define a run: a resumed run must be given the same ones.
+RUN_DEFINING_FLAGS = ("model", "quantizer", "dataset", "epochs", "lr", "batch_size",
+                      "optimizer", "momentum", "weight_decay", "warmup", "o_end",
+                      "mu_start", "mu_end", "a32", "padding", "label_smoothing", "seed",
+                      "train_limit")
+
+
+def _check_resume_args(args, saved):
+    changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (run has {saved.get(k)})"
+               for k in RUN_DEFINING_FLAGS if saved.get(k) != getattr(args, k)]
+    if changed:
+        raise UsageError("--resume with different settings: " + ", ".join(changed))
 
 
 # ------------------------------------------------------------------------- pieces
@@ -259,8 +268,7 @@ class EpochState(tf.keras.callbacks.Callback):
 def run(args, load_data) -> dict:
     """Train (or evaluate) as `args` says; returns the metrics written to metrics.json.
 
-    load_data(args) -> (train_arrays_or_None, eval_ds, num_classes, input_shape,
-                        make_train_ds(first_epoch) -> (dataset, steps), indicator_batch)
+    load_data(args, train=True) -> Data (see `Data`).
     """
     if args.lr is None:
         args.lr = ADAM_LR if args.optimizer == "adam" else args.sgd_lr
@@ -282,6 +290,7 @@ def run(args, load_data) -> dict:
     if args.resume:
         if not os.path.isdir(ckpt_dir) or tf.train.latest_checkpoint(ckpt_dir) is None:
             raise UsageError(f"--resume: no checkpoint in {ckpt_dir}; start the run without --resume")
+        _check_resume_args(args, _load_json(os.path.join(directory, "args.json")))
     elif os.path.exists(directory) and os.listdir(directory):
         raise UsageError(
             f"{directory} already holds a run; pass --resume to continue it, or --name/--results-dir for a new one")
@@ -300,7 +309,7 @@ def run(args, load_data) -> dict:
         add_weight_decay(model, args.weight_decay)
         compile_model(model, args)
         epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False)
-        checkpoint = _checkpoint_objects(model, model.optimizer, epoch_var)
+        checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer, epoch=epoch_var)
 
     best = {"best_test_top1": 0.0, "best_epoch": 0}
     first_epoch = 0
@@ -311,9 +320,6 @@ def run(args, load_data) -> dict:
         if os.path.exists(state_path):
             state = _load_json(state_path)
             best = {k: state[k] for k in best}
-        saved_args = _load_json(os.path.join(directory, "args.json"))
-        if saved_args.get("epochs") != args.epochs:
-            raise UsageError(f"--resume with --epochs {args.epochs}, but the run was started with {saved_args.get('epochs')}")
         print(f"resuming {directory} at epoch {first_epoch + 1}/{args.epochs}", flush=True)
     else:
         if init_checkpoint:
