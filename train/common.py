@@ -377,7 +377,8 @@ def _final_metrics(args, model, data, schedule):
         "quantizer": args.quantizer,
         "model": args.model,
         "dataset": args.dataset,
-        "o_final": schedule.o_at(args.epochs - 1),
+        **({"o_final": schedule.o_at(args.epochs - 1)} if args.quantizer == "reste" else {}),
+        **({"mu_final": schedule.mu_at(args.epochs - 1)} if args.quantizer == "bnnpp" else {}),
         "finished": datetime.datetime.now().isoformat(timespec="seconds"),
         "args": _json_args(args),
     }
