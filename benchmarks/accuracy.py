@@ -33,6 +33,8 @@ def main(argv=None):
     p.add_argument("--data-dir", default=None)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--results-dir", default="results/accuracy")
+    p.add_argument("--mu-start", type=float, default=None, help="BNN++ mu schedule start")
+    p.add_argument("--mu-end", type=float, default=None, help="BNN++ mu schedule end")
     args = p.parse_args(argv)
 
     rows = []
@@ -40,12 +42,16 @@ def main(argv=None):
         quantizer, _, padding = variant.partition(":")
         padding = padding or "one"
         name = f"{args.model}_{args.dataset}_{quantizer}_{padding}_e{args.epochs}_s{args.seed}"
+        mu_flags = []
+        if quantizer in ("bnnpp", "bnn++") and (args.mu_start or args.mu_end):
+            mu_flags = ["--mu-start", str(args.mu_start or 1.0), "--mu-end", str(args.mu_end or 10.0)]
+            name += f"_mu{mu_flags[1]}-{mu_flags[3]}"
         run = os.path.join(args.results_dir, name)
         if not os.path.exists(os.path.join(run, "metrics.json")):
             flags = ["--model", args.model, "--dataset", args.dataset, "--quantizer", quantizer,
                      "--padding", padding, "--epochs", str(args.epochs), "--warmup", "1",
                      "--seed", str(args.seed), "--results-dir", args.results_dir,
-                     "--name", name, "--verbose", "2", "--no-download"]
+                     "--name", name, "--verbose", "2", "--no-download", *mu_flags]
             if args.data_dir:
                 flags += ["--data-dir", args.data_dir]
             if os.path.exists(run):
@@ -55,13 +61,13 @@ def main(argv=None):
                 raise SystemExit(f"run {name} failed")
             print(f"{name}: {time.time() - started:.0f} s", flush=True)
         with open(os.path.join(run, "metrics.json")) as f:
-            rows.append((variant, json.load(f)))
+            rows.append((variant + (f" mu {mu_flags[1]}->{mu_flags[3]}" if mu_flags else ""), json.load(f)))
 
     print(f"\n{args.model} on {args.dataset}, {args.epochs} epochs, seed {args.seed}")
-    print(f"{'variant':<14}{'Keras top-1':>12}{'TFLite top-1':>14}{'best epoch top-1':>18}"
+    print(f"{'variant':<24}{'Keras top-1':>12}{'TFLite top-1':>14}{'best epoch top-1':>18}"
           f"{'LceBconv2d':>12}{'tflite KiB':>12}")
     for variant, m in rows:
-        print(f"{variant:<14}{m['test_top1']:>12.2f}{m['tflite_test_top1']:>14.2f}"
+        print(f"{variant:<24}{m['test_top1']:>12.2f}{m['tflite_test_top1']:>14.2f}"
               f"{m['best_test_top1']:>18.2f}{m['tflite_lce_bconv2d']:>12d}"
               f"{m['tflite_bytes'] / 1024:>12.1f}")
 

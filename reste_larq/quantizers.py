@@ -475,7 +475,11 @@ ESTIMATORS: dict[str, tuple[str, str]] = {
     "bireal": ("approx_sign", "magnitude_aware_sign"),  # Bi-Real Net (Liu et al.)
     "wrn_sign": ("ste_sign", "wrn_sign"),  # McDonnell's weights; STE if acts are binary
     "reste": ("reste", "reste"),
-    "bnnpp": ("bnnpp", "bnnpp"),
+    # ProxConnect++ binarizes weights: BNN++ on the kernels, the classic STE on the
+    # activations. BNN++ on activations too ("bnnpp_all") is unstable: its derivative
+    # peaks at mu and compounds over the layers (README, Results).
+    "bnnpp": ("ste_sign", "bnnpp"),
+    "bnnpp_all": ("bnnpp", "bnnpp"),
 }
 _ESTIMATOR_ALIASES = {
     "ReSTE": "reste",

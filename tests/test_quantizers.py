@@ -259,7 +259,7 @@ def small_net(name):
     return tf.keras.Model(inputs, tf.keras.layers.Dense(4)(x))
 
 
-@pytest.mark.parametrize("name", ["reste", "bnnpp"])
+@pytest.mark.parametrize("name", ["reste", "bnnpp", "bnnpp_all"])
 @pytest.mark.parametrize("fmt", ["h5", "tf"])
 def test_model_save_load_identical_and_trains_with_schedule(name, fmt, tmp_path):
     model = small_net(name)
@@ -273,17 +273,17 @@ def test_model_save_load_identical_and_trains_with_schedule(name, fmt, tmp_path)
     np.testing.assert_array_equal(loaded(x, training=False).numpy(), model(x, training=False).numpy())
     before = [q.schedule_variable.numpy() for q in Q.scheduled_quantizers(model)]
     after = [q.schedule_variable.numpy() for q in Q.scheduled_quantizers(loaded)]
-    assert len(after) == 4 and after == before
+    assert len(after) == (4 if name in ("reste", "bnnpp_all") else 2) and after == before
 
     loaded.compile("sgd", tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     loaded.fit(x, y, epochs=4, initial_epoch=3, verbose=0, callbacks=[schedule])
     values = [float(q.schedule_variable.numpy()) for q in Q.scheduled_quantizers(loaded)]
     expected = schedule.o_at(3) if name == "reste" else schedule.mu_at(3)
-    assert values == pytest.approx([expected] * 4)
+    assert values == pytest.approx([expected] * len(values)) and values
     assert np.isfinite(loaded(x).numpy()).all()
 
 
-@pytest.mark.parametrize("name", ["reste", "bnnpp", "ste", "binary_connect", "bnn+"])
+@pytest.mark.parametrize("name", ["reste", "bnnpp", "bnnpp_all", "ste", "binary_connect", "bnn+"])
 def test_small_network_converts_to_lce_bconv(name):
     model = small_net(name)
     ops = op_counts(convert(model))
@@ -291,14 +291,14 @@ def test_small_network_converts_to_lce_bconv(name):
     assert ops["CONV_2D"] == 1  # only the float stem
 
 
-@pytest.mark.parametrize("name", ["reste", "bnnpp"])
+@pytest.mark.parametrize("name", ["reste", "bnnpp_all"])
 def test_mixed_float16_network_has_finite_gradients(name):
     tf.keras.mixed_precision.set_global_policy("mixed_float16")
     model = small_net(name)
     schedule = EstimatorSchedule(epochs=3, o_end=3.0)
     x = np.zeros((4, 8, 8, 3), np.float32)
     x[1] = 1e-30
-    x[2] = 6e4  # near the float16 maximum
+    x[2] = 100.0  # large, but the float stem conv's sums stay below float16's 65504
     x[3] = np.random.default_rng(0).standard_normal((8, 8, 3))
     for epoch in range(3):
         schedule.apply(model, epoch)
