@@ -6,8 +6,9 @@
 Each variant ("estimator[:padding]", or "float" for the full-precision ceiling) is one
 `python -m train.cifar` run with the same seed, schedule and data: resnet20_1w1a,
 SGD lr 0.1 momentum 0.9, weight decay 1e-4, batch 256, cosine decay with a 1-epoch
-warm-up, o: 1 -> 3 (ReSTE), mu: 1 -> 10 (BNN++). Every run exports the LCE .tflite and
-evaluates it on the 10,000 test images with LCE's interpreter. Prints a table of
+warm-up, o: 1 -> 3 (ReSTE), mu: 20 -> 200 (BNN++; --mu-start/--mu-end change it).
+Every run exports the LCE .tflite and evaluates it on the 10,000 test images with
+LCE's interpreter. Prints a table of
 Keras and TFLite top-1; the run folders stay in --results-dir.
 """
 
@@ -43,8 +44,8 @@ def main(argv=None):
         padding = padding or "one"
         name = f"{args.model}_{args.dataset}_{quantizer}_{padding}_e{args.epochs}_s{args.seed}"
         mu_flags = []
-        if quantizer in ("bnnpp", "bnn++") and (args.mu_start or args.mu_end):
-            mu_flags = ["--mu-start", str(args.mu_start or 1.0), "--mu-end", str(args.mu_end or 10.0)]
+        if quantizer.startswith("bnnpp") and (args.mu_start or args.mu_end):
+            mu_flags = ["--mu-start", str(args.mu_start or 20.0), "--mu-end", str(args.mu_end or 200.0)]
             name += f"_mu{mu_flags[1]}-{mu_flags[3]}"
         run = os.path.join(args.results_dir, name)
         if not os.path.exists(os.path.join(run, "metrics.json")):

@@ -315,7 +315,7 @@ class BNNpp(_ScheduledSign):
     At inference (`training=False`, and so in every exported model) the forward is
     `larq.math.sign`, so the deployed network is truly binary and LCE converts it.
     As mu grows SS_mu approaches sign; `EstimatorSchedule` raises mu during training
-    (default 1 -> 10, see `reste_larq.callbacks`).
+    (default 20 -> 200, chosen for kernels; see `reste_larq.callbacks`).
 
     # Arguments
         mu: slope, > 0; schedulable like ReSTE's o.

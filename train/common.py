@@ -93,8 +93,8 @@ def parser(description, *, models, datasets, defaults):
     a("--warmup", nargs="?", type=int, const=5, default=0, metavar="EPOCHS",
       help="linear learning-rate warm-up; bare --warmup is the reference's 5 epochs")
     a("--o-end", type=float, default=3.0, help="final o of ReSTE's schedule (from 1)")
-    a("--mu-start", type=_positive_float, default=1.0, help="BNN++ mu at epoch 0")
-    a("--mu-end", type=_positive_float, default=10.0, help="BNN++ mu at the last epoch")
+    a("--mu-start", type=_positive_float, default=20.0, help="BNN++ mu at epoch 0")
+    a("--mu-end", type=_positive_float, default=200.0, help="BNN++ mu at the last epoch")
     a("--a32", action="store_true", help="1W/32A: keep activations real")
     a("--padding", choices=("one", "zero"), default="one",
       help="binary conv padding: one (LCE fast path) or zero (the reference)")
