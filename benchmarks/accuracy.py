@@ -8,8 +8,8 @@ Each variant ("estimator[:padding]", or "float" for the full-precision ceiling) 
 SGD lr 0.1 momentum 0.9, weight decay 1e-4, batch 256, cosine decay with a 1-epoch
 warm-up, o: 1 -> 3 (ReSTE), mu: 20 -> 200 (BNN++; --mu-start/--mu-end change it).
 Every run exports the LCE .tflite and evaluates it on the 10,000 test images with
-LCE's interpreter. Prints a table of
-Keras and TFLite top-1; the run folders stay in --results-dir.
+LCE's interpreter. Prints a table of Keras and TFLite top-1; the run folders stay in
+--results-dir, and a variant whose folder holds a finished run is not run again.
 """
 
 from __future__ import annotations
