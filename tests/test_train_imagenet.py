@@ -19,9 +19,24 @@ def test_missing_imagenet_is_a_one_line_error(tmp_path, capsys):
 
 
 def test_imagenet_defaults_are_the_reference_recipe():
-    args = imagenet.build_parser().parse_args([])
+    from train.common import resolve_args
+
+    args = resolve_args(imagenet.build_parser().parse_args([]))
     assert (args.model, args.epochs, args.batch_size, args.batch_size_test, args.lr,
             args.weight_decay, args.o_end) == ("resnet18_1w1a_imagenet", 250, 750, 256, 0.1, 1e-4, 3.0)
+
+
+@pytest.mark.parametrize("argv, quantizer, lr", [
+    ([], "reste", 0.1),
+    (["--model", "birealnet18"], "bireal", 0.1),
+    (["--model", "birealnet18", "--optimizer", "adam"], "bireal", 1e-3),
+    (["--quantizer", "ReSTE", "--lr", "0.05"], "reste", 0.05),
+])
+def test_defaults_that_depend_on_other_flags(argv, quantizer, lr):
+    from train.common import resolve_args
+
+    args = resolve_args(imagenet.build_parser().parse_args(argv))
+    assert (args.quantizer, args.lr) == (quantizer, lr)
 
 
 @pytest.mark.slow

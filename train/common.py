@@ -71,8 +71,9 @@ def parser(description, *, models, datasets, defaults):
     p = _OneLineErrorParser(description=description, formatter_class=_HelpFormatter)
     a = p.add_argument
     a("--model", "-m", default=defaults["model"], choices=models, help="architecture")
-    a("--quantizer", "--estimator", default="reste", metavar="NAME",
-      help=f"gradient estimator: {', '.join(estimators())}, or float")
+    a("--quantizer", "--estimator", default=None, metavar="NAME",
+      help=f"gradient estimator: {', '.join(estimators())}, or float (default: the "
+           "model's own: reste for the ReSTE nets, bireal for Bi-Real Net, wrn_sign for WRN)")
     a("--dataset", default=defaults["dataset"], choices=datasets, help="dataset")
     a("--data-dir", default=None,
       help="TFDS data_dir, or a folder with the official offline files")
@@ -265,15 +266,24 @@ class EpochState(tf.keras.callbacks.Callback):
 
 
 # --------------------------------------------------------------------------- main
+def resolve_args(args):
+    """Fill the defaults that depend on other flags: --lr on the optimizer, --quantizer
+    on the model (its own estimator); canonicalize the estimator name."""
+    if args.lr is None:
+        args.lr = ADAM_LR if args.optimizer == "adam" else args.sgd_lr
+    if args.quantizer is None:
+        args.quantizer = models.info(args.model).quantizer
+    if args.quantizer != "float":
+        args.quantizer = canonical_estimator(args.quantizer)
+    return args
+
+
 def run(args, load_data) -> dict:
     """Train (or evaluate) as `args` says; returns the metrics written to metrics.json.
 
     load_data(args, train=True) -> Data (see `Data`).
     """
-    if args.lr is None:
-        args.lr = ADAM_LR if args.optimizer == "adam" else args.sgd_lr
-    if args.quantizer != "float":
-        args.quantizer = canonical_estimator(args.quantizer)
+    resolve_args(args)
     if args.o_end < 1:
         raise UsageError(f"--o-end must be >= 1 (got {args.o_end})")
     if args.warmup < 0 or (args.warmup and args.warmup >= args.epochs):
