@@ -2,6 +2,7 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import gc  # noqa: E402
 import logging  # noqa: E402
 
 import pytest  # noqa: E402
@@ -14,7 +15,11 @@ logging.getLogger("larq").setLevel(logging.ERROR)
 
 
 @pytest.fixture(autouse=True)
-def _seed_and_policy():
+def _seed_policy_and_memory():
     tf.keras.utils.set_random_seed(0)
     yield
     tf.keras.mixed_precision.set_global_policy("float32")
+    # Keras keeps every model's graphs alive otherwise: the slow suite builds 144
+    # models in one process and grew past 23 GB (OOM-killed) without this.
+    tf.keras.backend.clear_session()
+    gc.collect()
