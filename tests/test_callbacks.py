@@ -55,7 +55,7 @@ def test_schedule_sets_every_quantizer_and_is_identical_after_resume(quantizer):
         return recorder.seen
 
     full, resumed = run(0), run(3)
-    schedule = cb.EstimatorSchedule(epochs)
+    schedule = cb.EstimatorSchedule(epochs, o_end=3.0, mu_start=1.0, mu_end=10.0)  # as trained
     for epoch in range(epochs):
         expected = schedule.o_at(epoch) if quantizer == "reste" else schedule.mu_at(epoch)
         (value,) = full[epoch]  # one value shared by every quantizer
