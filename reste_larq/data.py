@@ -201,14 +201,6 @@ def _augment(image, seed, ds: DatasetInfo):
     return image
 
 
-def pad_to(images: np.ndarray, shape) -> np.ndarray:
-    """Zero-pad images (e.g. 28x28 -> 32x32) to the model's spatial size, centered."""
-    dh, dw = shape[0] - images.shape[1], shape[1] - images.shape[2]
-    if dh < 0 or dw < 0:
-        raise ValueError(f"images {images.shape[1:3]} larger than {shape[:2]}")
-    return np.pad(images, [(0, 0), (dh // 2, dh - dh // 2), (dw // 2, dw - dw // 2), (0, 0)])
-
-
 def train_dataset(images, labels, ds: DatasetInfo, batch_size: int, seed: int,
                   first_epoch: int, epochs: int) -> tf.data.Dataset:
     """Batches of epochs [first_epoch, epochs): per-epoch permutation and augmentation
