@@ -179,7 +179,7 @@ def check_conversion(model, samples=8):
 
 
 @pytest.mark.parametrize("name", CIFAR)
-@pytest.mark.parametrize("padding", ["one", "zero"])
+@pytest.mark.parametrize("padding", ["one", pytest.param("zero", marks=pytest.mark.slow)])
 def test_cifar_models_convert_completely(name, padding):
     a32 = False  # WRN is 1W32A by default; converting its 1W1A form checks every conv
     check_conversion(with_trained_batchnorm(models.build(name, padding=padding, a32=a32)))
@@ -194,6 +194,11 @@ def test_imagenet_model_converts_completely(name):
 @pytest.mark.parametrize("name", ["resnet18_1w1a_imagenet", "resnet34_1w1a_imagenet", "birealnet34"])
 def test_imagenet_models_convert_completely_slow(name):
     check_conversion(with_trained_batchnorm(models.build(name)), samples=4)
+
+
+def test_resnet20_zero_padding_converts_exactly():
+    model = with_trained_batchnorm(models.build("resnet20_1w1a", padding="zero"))
+    assert all(check_conversion(model))
 
 
 @pytest.mark.parametrize("quantizer", ["reste", "bnnpp", "ste"])
