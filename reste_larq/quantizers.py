@@ -89,7 +89,8 @@ def reste_gradient(x, o, t=1.5, interval=0.1):
     ax = tf.abs(tf.cast(x, dtype))
     o = tf.cast(o, dtype)
     exponent = (1.0 - o) / o
-    # |x|^e as exp(e log|x|): tf.pow has no vectorized CPU kernel and was 3x slower.
+    # |x|^e as exp(e log|x|): tf.pow has no vectorized CPU kernel and was 2.5x slower
+    # (benchmarks/estimator_kernels.py).
     # max(|x|, interval) gives interval^e on the inner region and keeps log finite.
     power = tf.exp(exponent * tf.math.log(tf.maximum(ax, interval)))
     slope = tf.where(ax <= interval, power, power / o)
@@ -350,17 +351,12 @@ class BNNpp(_ScheduledSign):
         return {**super().get_config(), "mu": self.mu}
 
 
-@tf.function(jit_compile=True)
-def _bnn_plus_backward(x, dy, beta):
-    return dy * tf.cast(signswish_gradient(x, beta), dy.dtype)
-
-
 def bnn_plus_sign(x, beta=5.0):
     """BNN+ (Darabi et al., 2018): sign forward, SignSwish derivative backward."""
 
     @tf.custom_gradient
     def _call(x):
-        return lq.math.sign(x), lambda dy: _bnn_plus_backward(x, dy, float(beta))
+        return lq.math.sign(x), lambda dy: _signswish_backward(x, dy, float(beta))
 
     return _call(x)
 
