@@ -70,17 +70,30 @@ def lce_interpreter(flatbuffer, threads):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+",
-                   default=["resnet20_1w1a", "resnet20_bireal_1w1a", "vgg_small_1w1a",
-                            "resnet18_1w1a", "birealnet18"])
+    p.add_argument(
+        "--models",
+        nargs="+",
+        default=[
+            "resnet20_1w1a",
+            "resnet20_bireal_1w1a",
+            "vgg_small_1w1a",
+            "resnet18_1w1a",
+            "birealnet18",
+        ],
+    )
     p.add_argument("--runs", type=int, default=15)
     args = p.parse_args(argv)
 
-    print(f"{platform.machine()}, {os.cpu_count()} CPUs, TF {tf.__version__}, "
-          f"LCE interpreter on {'ARM' if platform.machine() in ('aarch64', 'arm64') else 'x86 reference kernels'}")
-    header = (f"{'model':<24}{'LCE KiB':>9}{'float KiB':>11}{'size x':>8}"
-              f"{'LCE ms 1t':>11}{'LCE ms 2t':>11}{'float ms 1t':>13}{'float ms 2t':>13}"
-              f"{'packed KiB':>12}{'fp32 KiB':>10}{'weights x':>11}")
+    on_arm = platform.machine() in ("aarch64", "arm64")
+    print(
+        f"{platform.machine()}, {os.cpu_count()} CPUs, TF {tf.__version__}, "
+        f"LCE interpreter on {'ARM' if on_arm else 'x86 reference kernels'}"
+    )
+    header = (
+        f"{'model':<24}{'LCE KiB':>9}{'float KiB':>11}{'size x':>8}"
+        f"{'LCE ms 1t':>11}{'LCE ms 2t':>11}{'float ms 1t':>13}{'float ms 2t':>13}"
+        f"{'packed KiB':>12}{'fp32 KiB':>10}{'weights x':>11}"
+    )
     print(header)
     for name in args.models:
         binary = models.build(name)
@@ -88,16 +101,24 @@ def main(argv=None):
         lce_fb = export.convert(binary)
         float_fb = export.convert_float(floating)
         assert export.op_counts(lce_fb)["LceBconv2d"] == export.count_binary_convs(binary)
-        x = np.random.default_rng(0).standard_normal((1, *binary.input_shape[1:])).astype(np.float32)
+        x = (
+            np.random.default_rng(0)
+            .standard_normal((1, *binary.input_shape[1:]))
+            .astype(np.float32)
+        )
         lce = [latency_ms(lce_interpreter(lce_fb, t), x, args.runs) for t in (1, 2)]
         flt = [latency_ms(float_interpreter(float_fb, t), x, args.runs) for t in (1, 2)]
         packed, fp32 = weight_bits(binary) / 8 / 1024, binary.count_params() * 4 / 1024
-        print(f"{name:<24}{len(lce_fb) / 1024:>9.1f}{len(float_fb) / 1024:>11.1f}"
-              f"{len(float_fb) / len(lce_fb):>8.1f}{lce[0]:>11.2f}{lce[1]:>11.2f}"
-              f"{flt[0]:>13.2f}{flt[1]:>13.2f}{packed:>12.1f}{fp32:>10.1f}{fp32 / packed:>11.1f}",
-              flush=True)
-    print("size x = float .tflite / LCE .tflite; weights x = fp32 Keras weights / packed "
-          "(1-bit binary kernels). Latency: median ms per image, batch 1.")
+        print(
+            f"{name:<24}{len(lce_fb) / 1024:>9.1f}{len(float_fb) / 1024:>11.1f}"
+            f"{len(float_fb) / len(lce_fb):>8.1f}{lce[0]:>11.2f}{lce[1]:>11.2f}"
+            f"{flt[0]:>13.2f}{flt[1]:>13.2f}{packed:>12.1f}{fp32:>10.1f}{fp32 / packed:>11.1f}",
+            flush=True,
+        )
+    print(
+        "size x = float .tflite / LCE .tflite; weights x = fp32 Keras weights / packed "
+        "(1-bit binary kernels). Latency: median ms per image, batch 1."
+    )
 
 
 if __name__ == "__main__":

@@ -67,8 +67,12 @@ def main(argv=None):
         "swish_sign backward (Larq)": tf.function(lambda: larq_swish_backward(x, dy)),
         "signswish XLA (bnnpp, bnn+)": tf.function(lambda: Q._signswish_backward(x, dy, mu)),
     }
-    np.testing.assert_allclose(variants["reste, tf.pow (before)"]().numpy(),
-                               variants["reste, exp/log XLA (shipped)"]().numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        variants["reste, tf.pow (before)"]().numpy(),
+        variants["reste, exp/log XLA (shipped)"]().numpy(),
+        rtol=1e-4,
+        atol=1e-5,
+    )
     times = {name: [] for name in variants}
     for fn in variants.values():
         fn().numpy()  # trace / compile
@@ -78,8 +82,10 @@ def main(argv=None):
             fn().numpy()
             times[name].append(1000 * (time.perf_counter() - start))
     base = statistics.median(times["ste_sign backward (Larq)"])
-    print(f"backward of a {'x'.join(map(str, args.shape))} float32 tensor, median of "
-          f"{args.repeats} interleaved runs, {os.cpu_count()} CPUs, TF {tf.__version__}")
+    print(
+        f"backward of a {'x'.join(map(str, args.shape))} float32 tensor, median of "
+        f"{args.repeats} interleaved runs, {os.cpu_count()} CPUs, TF {tf.__version__}"
+    )
     print(f"{'variant':<32}{'median ms':>10}{'min':>8}{'max':>8}{'x ste_sign':>12}")
     for name, ts in times.items():
         med = statistics.median(ts)

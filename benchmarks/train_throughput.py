@@ -2,6 +2,12 @@
 
     python benchmarks/train_throughput.py                 # batch 128, 5 rounds
     python benchmarks/train_throughput.py --rounds 9 --steps 20
+    python benchmarks/train_throughput.py --estimators reste reste+jit reste+bf16 float
+
+A variant is an estimator name ("float": the full-precision twin) with options: +jit
+(`model.compile(jit_compile=True)`, the CLI's --jit-compile), +bf16 / +fp16 (Keras
+mixed precision, the CLI's --mixed-precision). Every model is compiled as the CLI
+compiles it: PyTorch-form SGD (momentum 0.9, coupled weight decay 1e-4).
 
 All estimators run in one process, each model compiled and warmed up first (tracing
 excluded), then timed in interleaved rounds (the order shuffled each round) so that
@@ -28,17 +34,31 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from reste_larq import models  # noqa: E402
+from reste_larq import models, training  # noqa: E402
 
 DEFAULT_ESTIMATORS = ["ste", "reste", "bnnpp", "binary_connect", "bnn+", "approx_sign"]
+POLICIES = {"bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
 
 
-def make_model(estimator, model_name):
-    model = models.build(model_name, quantizer=estimator)
-    model.compile(
-        optimizer=tf.keras.optimizers.SGD(0.1, momentum=0.9),
-        loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-    )
+def make_model(variant, model_name):
+    estimator, *options = variant.split("+")
+    unknown = sorted(set(options) - {"jit", *POLICIES})
+    if unknown:
+        raise SystemExit(
+            f"unknown option(s) {', '.join(unknown)} in {variant!r}; "
+            f"choose from jit, {', '.join(POLICIES)}"
+        )
+    policy = next((POLICIES[o] for o in options if o in POLICIES), "float32")
+    tf.keras.mixed_precision.set_global_policy(policy)
+    try:
+        model = models.build(model_name, quantizer=estimator)
+        model.compile(
+            optimizer=training.TorchSGD(0.1, momentum=0.9, coupled_weight_decay=1e-4),
+            loss=training.sparse_cross_entropy(10),
+            jit_compile="jit" in options,
+        )
+    finally:
+        tf.keras.mixed_precision.set_global_policy("float32")
     return model
 
 
@@ -75,13 +95,19 @@ def main(argv=None):
             compiled[name].fit(data, epochs=1, verbose=0)
             rates[name].append(len(images) / (time.perf_counter() - start))
 
-    print(f"model {args.model}, batch {args.batch_size}, {args.steps} steps x {args.rounds} "
-          f"interleaved rounds, {os.cpu_count()} CPUs, TF {tf.__version__}")
+    print(
+        f"model {args.model}, batch {args.batch_size}, {args.steps} steps x {args.rounds} "
+        f"interleaved rounds, {os.cpu_count()} CPUs, TF {tf.__version__}"
+    )
     print(f"{'estimator':<16}{'median img/s':>14}{'min':>10}{'max':>10}")
     medians = {}
     for name in args.estimators:
         medians[name] = statistics.median(rates[name])
         print(f"{name:<16}{medians[name]:>14.1f}{min(rates[name]):>10.1f}{max(rates[name]):>10.1f}")
+    for name in args.estimators:
+        base = name.split("+")[0]
+        if name != "reste" and "reste" in medians and (base == "reste" or name == "float"):
+            print(f"{name}/reste throughput ratio: {medians[name] / medians['reste']:.2f}")
     if "reste" in medians and "ste" in medians:
         print(f"reste/ste throughput ratio: {medians['reste'] / medians['ste']:.2f}")
     return medians

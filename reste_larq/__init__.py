@@ -2,11 +2,50 @@
 the papers' binary networks, and training to an LCE-converted TFLite file.
 
 `import reste_larq` registers every quantizer name ("reste", "bnnpp", ...) with Larq
-and Keras.
+and Keras, and exposes the library's modules, as `import larq` exposes `lq.models`:
+
+```python
+import reste_larq
+
+model = reste_larq.models.build("resnet20_1w1a", quantizer="reste")
+flatbuffer = reste_larq.export.convert(model)
+```
 """
 
-from reste_larq import callbacks, quantizers  # noqa: F401  (registers the names)
-from reste_larq.quantizers import BNNpp, BNNPlus, MeanAbsScaled, ReSTE  # noqa: F401
+try:
+    import tensorflow  # noqa: F401
+except ModuleNotFoundError as error:  # pragma: no cover - an install without an extra
+    raise ModuleNotFoundError(
+        "reste_larq needs TensorFlow 2.15: pip install -e '.[cpu]' (or '.[gpu]' on a CUDA "
+        "machine), or pip install -r requirements.txt"
+    ) from error
 
-__all__ = ["BNNPlus", "BNNpp", "MeanAbsScaled", "ReSTE", "callbacks", "quantizers"]
+from reste_larq import (  # noqa: E402,F401  (quantizers registers the names)
+    callbacks,
+    data,
+    errors,
+    export,
+    models,
+    quantizers,
+    training,
+)
+from reste_larq.errors import ConfigError, DataFormatError, DataNotFoundError
+from reste_larq.quantizers import BNNPlus, BNNpp, MeanAbsScaled, ReSTE
+
+__all__ = [
+    "BNNPlus",
+    "BNNpp",
+    "ConfigError",
+    "DataFormatError",
+    "DataNotFoundError",
+    "MeanAbsScaled",
+    "ReSTE",
+    "callbacks",
+    "data",
+    "errors",
+    "export",
+    "models",
+    "quantizers",
+    "training",
+]
 __version__ = "0.1.0"

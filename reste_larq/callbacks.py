@@ -23,6 +23,7 @@ import math
 import numpy as np
 import tensorflow as tf
 
+from reste_larq.errors import ConfigError
 from reste_larq.quantizers import (
     BNNpp,
     ReSTE,
@@ -37,7 +38,7 @@ def cosine_ramp(epoch: int, epochs: int, start: float, end: float) -> float:
     Slow at first, fastest at the end; epoch 0 gives `start`.
     """
     if epochs <= 0:
-        raise ValueError(f"epochs must be > 0 (got {epochs})")
+        raise ConfigError(f"epochs must be > 0 (got {epochs})")
     ratio = min(max(epoch / epochs, 0.0), 1.0)
     return start + (end - start) * (1.0 - math.cos(math.pi / 2.0 * ratio))
 
@@ -66,11 +67,11 @@ class EstimatorSchedule(tf.keras.callbacks.Callback):
     ):
         super().__init__()
         if epochs <= 0:
-            raise ValueError(f"epochs must be > 0 (got {epochs})")
+            raise ConfigError(f"epochs must be > 0 (got {epochs})")
         if o_end < 1.0:
-            raise ValueError(f"o_end must be >= 1 (got {o_end})")
+            raise ConfigError(f"o_end must be >= 1 (got {o_end})")
         if mu_start <= 0.0 or mu_end <= 0.0:
-            raise ValueError(f"mu_start and mu_end must be > 0 (got {mu_start}, {mu_end})")
+            raise ConfigError(f"mu_start and mu_end must be > 0 (got {mu_start}, {mu_end})")
         self.epochs = epochs
         self.o_end = o_end
         self.mu_start = mu_start
@@ -123,7 +124,7 @@ def learning_rate_at(
     base (1 - (e - W + 1) / (E - W + 1)) (the Adam recipe of Bi-Real / BNN-tricks).
     """
     if decay not in ("cosine", "linear"):
-        raise ValueError(f"decay must be 'cosine' or 'linear' (got {decay!r})")
+        raise ConfigError(f"decay must be 'cosine' or 'linear' (got {decay!r})")
     if warmup_epochs and epoch < warmup_epochs:
         return base_lr * (epoch + 1) / warmup_epochs
     offset = max(warmup_epochs - 1, 0)
@@ -141,9 +142,9 @@ class LearningRateSchedule(tf.keras.callbacks.Callback):
     def __init__(self, base_lr: float, epochs: int, warmup_epochs: int = 0, decay="cosine"):
         super().__init__()
         if base_lr <= 0:
-            raise ValueError(f"learning rate must be > 0 (got {base_lr})")
+            raise ConfigError(f"learning rate must be > 0 (got {base_lr})")
         if warmup_epochs < 0:
-            raise ValueError(f"warm-up epochs must be >= 0 (got {warmup_epochs})")
+            raise ConfigError(f"warm-up epochs must be >= 0 (got {warmup_epochs})")
         learning_rate_at(0, base_lr, epochs, warmup_epochs, decay)  # validates decay
         self.base_lr, self.epochs = base_lr, epochs
         self.warmup_epochs, self.decay = warmup_epochs, decay
@@ -205,9 +206,7 @@ class Indicators(tf.keras.callbacks.Callback):
         grads = tape.gradient(loss, kernels)
         for w, value in zip(self.model.non_trainable_weights, saved):
             w.assign(value)
-        return float(
-            sum(tf.math.reduce_variance(tf.abs(g)) for g in grads if g is not None)
-        )
+        return float(sum(tf.math.reduce_variance(tf.abs(g)) for g in grads if g is not None))
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is None:
@@ -215,5 +214,7 @@ class Indicators(tf.keras.callbacks.Callback):
         logs["estimating_error"] = estimating_error(self.model, self.o)
         stability = self.gradient_stability()
         if not np.isfinite(stability):
-            raise FloatingPointError(f"gradient of the binary kernels is not finite at epoch {epoch}")
+            raise FloatingPointError(
+                f"gradient of the binary kernels is not finite at epoch {epoch}"
+            )
         logs["gradient_stability"] = stability

@@ -25,9 +25,7 @@ import tarfile
 import numpy as np
 import tensorflow as tf
 
-
-class DataNotFoundError(FileNotFoundError):
-    """No dataset in `data_dir` and TFDS could not provide it; says what to put where."""
+from reste_larq.errors import ConfigError, DataFormatError, DataNotFoundError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,11 +43,21 @@ class DatasetInfo:
 # CIFAR uses the reference's normalization (ImageNet's mean/std, as its loader does).
 _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 DATASETS = {
-    "cifar10": DatasetInfo("cifar10", 10, (32, 32, 3), _IMAGENET_MEAN, _IMAGENET_STD, True, "cifar"),
-    "cifar100": DatasetInfo("cifar100", 100, (32, 32, 3), _IMAGENET_MEAN, _IMAGENET_STD, True, "cifar"),
+    "cifar10": DatasetInfo(
+        "cifar10", 10, (32, 32, 3), _IMAGENET_MEAN, _IMAGENET_STD, True, "cifar"
+    ),
+    "cifar100": DatasetInfo(
+        "cifar100", 100, (32, 32, 3), _IMAGENET_MEAN, _IMAGENET_STD, True, "cifar"
+    ),
     "mnist": DatasetInfo("mnist", 10, (28, 28, 1), (0.1307,), (0.3081,), False, "idx"),
     "fashion_mnist": DatasetInfo(
-        "fashion_mnist", 10, (28, 28, 1), (0.2860,), (0.3530,), True, "idx",
+        "fashion_mnist",
+        10,
+        (28, 28, 1),
+        (0.2860,),
+        (0.3530,),
+        True,
+        "idx",
         ("/usr/share/datasets/fashion-mnist",),
     ),
     "imagenet2012": DatasetInfo(
@@ -61,16 +69,26 @@ SMALL_IMAGE_DATASETS = ("cifar10", "cifar100", "fashion_mnist", "mnist")
 
 def info(name: str) -> DatasetInfo:
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+        raise ConfigError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     return DATASETS[name]
 
 
 # ------------------------------------------------------------------ offline readers
 _CIFAR = {
-    "cifar10": ("cifar-10-python.tar.gz", "cifar-10-batches-py",
-                [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], b"labels"),
-    "cifar100": ("cifar-100-python.tar.gz", "cifar-100-python",
-                 ["train"], ["test"], b"fine_labels"),
+    "cifar10": (
+        "cifar-10-python.tar.gz",
+        "cifar-10-batches-py",
+        [f"data_batch_{i}" for i in range(1, 6)],
+        ["test_batch"],
+        b"labels",
+    ),
+    "cifar100": (
+        "cifar-100-python.tar.gz",
+        "cifar-100-python",
+        ["train"],
+        ["test"],
+        b"fine_labels",
+    ),
 }
 _IDX = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
@@ -78,50 +96,137 @@ _IDX = {
 }
 
 
-def _cifar_batches_to_arrays(batches, label_key):
-    images = np.concatenate([b[b"data"] for b in batches]).reshape(-1, 3, 32, 32)
-    labels = np.concatenate([np.asarray(b[label_key]) for b in batches])
-    return images.transpose(0, 2, 3, 1).astype(np.uint8), labels.astype(np.int64)
+def _checked(images, labels, path, num_classes, image_shape):
+    """Validate what a reader produced: shapes, counts, label range."""
+    if images.shape[1:] != tuple(image_shape):
+        raise DataFormatError(
+            f"{path}: images are {'x'.join(map(str, images.shape[1:]))}, expected "
+            f"{'x'.join(map(str, image_shape))}"
+        )
+    if len(images) != len(labels):
+        raise DataFormatError(f"{path}: {len(images)} images but {len(labels)} labels")
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise DataFormatError(
+            f"{path}: labels must be in 0..{num_classes - 1}, found {labels.min()}..{labels.max()}"
+        )
+    return images, labels
+
+
+def _cifar_batch(fh, path, label_key):
+    """(images NHWC uint8, labels) of one official CIFAR python pickle."""
+    try:
+        batch = pickle.load(fh, encoding="bytes")
+    except Exception as error:  # truncated or not a pickle: many kinds
+        raise DataFormatError(
+            f"{path} is not a CIFAR python batch ({type(error).__name__}: {error}); "
+            "re-extract it from the official archive"
+        ) from None
+    if not isinstance(batch, dict) or b"data" not in batch or label_key not in batch:
+        raise DataFormatError(
+            f"{path} is not a CIFAR python batch: expected a dict with b'data' and {label_key!r}"
+        )
+    rows = np.asarray(batch[b"data"])
+    if rows.ndim != 2 or rows.shape[1] != 3 * 32 * 32:
+        raise DataFormatError(
+            f"{path}: data is {rows.shape}, expected N rows of 3072 bytes (32x32x3)"
+        )
+    images = rows.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).astype(np.uint8)
+    return images, np.asarray(batch[label_key]).astype(np.int64)
 
 
 def read_cifar(name: str, split: str, data_dir: str):
     """(images uint8 NHWC, labels) from the official python archive or its folder;
-    None if neither is in data_dir."""
+    None if neither is in data_dir. A damaged file raises DataFormatError naming it."""
     archive, folder, train_files, test_files, label_key = _CIFAR[name]
     files = train_files if split == "train" else test_files
+    num_classes = DATASETS[name].num_classes
     folder_path = os.path.join(data_dir, folder)
-    if os.path.isdir(folder_path):
-        batches = []
-        for f in files:
-            with open(os.path.join(folder_path, f), "rb") as fh:
-                batches.append(pickle.load(fh, encoding="bytes"))
-        return _cifar_batches_to_arrays(batches, label_key)
     archive_path = os.path.join(data_dir, archive)
-    if os.path.isfile(archive_path):
-        with tarfile.open(archive_path, "r:gz") as tar:
-            batches = [
-                pickle.load(tar.extractfile(f"{folder}/{f}"), encoding="bytes") for f in files
-            ]
-        return _cifar_batches_to_arrays(batches, label_key)
-    return None
+    batches = []
+    if os.path.isdir(folder_path):
+        for f in files:
+            path = os.path.join(folder_path, f)
+            if not os.path.isfile(path):
+                raise DataFormatError(
+                    f"{path} is missing: {folder_path}/ must hold {', '.join(files)} "
+                    f"({split}); re-extract {archive}"
+                )
+            with open(path, "rb") as fh:
+                batches.append(_cifar_batch(fh, path, label_key))
+        where = folder_path
+    elif os.path.isfile(archive_path):
+        try:
+            with tarfile.open(archive_path, "r:gz") as tar:
+                for f in files:
+                    member = f"{folder}/{f}"
+                    try:
+                        fh = tar.extractfile(member)
+                    except KeyError:
+                        fh = None
+                    if fh is None:
+                        raise DataFormatError(
+                            f"{archive_path} has no {member}; is it the official {archive}?"
+                        )
+                    batches.append(_cifar_batch(fh, f"{archive_path}:{member}", label_key))
+        except (tarfile.TarError, EOFError, OSError) as error:  # not gzip, truncated
+            raise DataFormatError(
+                f"{archive_path} is not a readable .tar.gz ({type(error).__name__}: "
+                f"{error}); download the official {archive} again"
+            ) from None
+        where = archive_path
+    else:
+        return None
+    images = np.concatenate([b[0] for b in batches])
+    labels = np.concatenate([b[1] for b in batches])
+    return _checked(images, labels, where, num_classes, (32, 32, 3))
 
 
-def _read_idx(path):
-    with gzip.open(path, "rb") as f:
-        data = f.read()
-    ndim = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+_IDX_UBYTE = 0x08
 
 
-def read_idx(split: str, data_dir: str):
-    """(images uint8 NHWC, labels) from the original (Fashion-)MNIST idx .gz files."""
+def _read_idx(path, ndim):
+    """The array of one idx .gz file (unsigned bytes, `ndim` dimensions), validated."""
+    try:
+        with gzip.open(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as error:  # BadGzipFile is an OSError; EOFError: truncated
+        raise DataFormatError(
+            f"{path} is not a readable .gz file ({type(error).__name__}: {error})"
+        ) from None
+    if len(data) < 4 or data[:2] != b"\x00\x00" or data[2] != _IDX_UBYTE or data[3] != ndim:
+        raise DataFormatError(
+            f"{path} is not an idx file of unsigned bytes with {ndim} dimension(s) "
+            f"(header {data[:4].hex() or 'empty'}, expected 000008{ndim:02x})"
+        )
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise DataFormatError(f"{path} is truncated inside its header")
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    expected = int(np.prod(dims))
+    if len(data) - header != expected:
+        raise DataFormatError(
+            f"{path} holds {len(data) - header} bytes of data, its header says "
+            f"{'x'.join(map(str, dims))} = {expected} (truncated or wrong file)"
+        )
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def read_idx(split: str, data_dir: str, name: str = "fashion_mnist"):
+    """(images uint8 NHWC, labels) from the original (Fashion-)MNIST idx .gz files;
+    None if they are not in data_dir. A damaged file raises DataFormatError naming it."""
     image_file, label_file = _IDX[split]
     image_path, label_path = (os.path.join(data_dir, f) for f in (image_file, label_file))
     if not (os.path.isfile(image_path) and os.path.isfile(label_path)):
         return None
-    images, labels = _read_idx(image_path), _read_idx(label_path)
-    return images[..., None], labels.astype(np.int64)
+    images, labels = _read_idx(image_path, 3), _read_idx(label_path, 1)
+    ds = DATASETS[name]
+    if len(images) != len(labels):
+        raise DataFormatError(
+            f"{image_path} has {len(images)} images but {label_path} has {len(labels)} labels"
+        )
+    return _checked(
+        images[..., None], labels.astype(np.int64), label_path, ds.num_classes, ds.image_shape
+    )
 
 
 def _offline_help(ds: DatasetInfo, data_dir) -> str:
@@ -147,16 +252,19 @@ def load_arrays(name: str, split: str, data_dir: str | None = None, download: bo
     """
     ds = info(name)
     if name not in SMALL_IMAGE_DATASETS:
-        raise ValueError(f"{name} is not a small-image dataset; use `imagenet_dataset`")
+        raise ConfigError(f"{name} is not a small-image dataset; use `imagenet_dataset`")
     if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test' (got {split!r})")
+        raise ConfigError(f"split must be 'train' or 'test' (got {split!r})")
     if data_dir is not None and not os.path.isdir(data_dir):
         raise DataNotFoundError(
             f"data directory {data_dir} does not exist; {_offline_help(ds, data_dir)}"
         )
     for directory in ([data_dir] if data_dir else []) + list(ds.default_dirs):
-        found = (read_cifar(name, split, directory) if ds.offline == "cifar"
-                 else read_idx(split, directory))
+        found = (
+            read_cifar(name, split, directory)
+            if ds.offline == "cifar"
+            else read_idx(split, directory, name)
+        )
         if found is not None:
             return found
     return _load_tfds_arrays(ds, split, data_dir, download)
@@ -166,8 +274,9 @@ def _load_tfds_arrays(ds: DatasetInfo, split, data_dir, download):
     import tensorflow_datasets as tfds
 
     try:
-        data = tfds.load(ds.name, split=split, data_dir=data_dir, as_supervised=True,
-                         download=download)
+        data = tfds.load(
+            ds.name, split=split, data_dir=data_dir, as_supervised=True, download=download
+        )
     except Exception as error:  # TFDS raises many kinds when offline
         raise DataNotFoundError(
             f"{ds.name} ({split}) not found offline and tensorflow-datasets could not "
@@ -201,8 +310,9 @@ def _augment(image, seed, ds: DatasetInfo):
     return image
 
 
-def train_dataset(images, labels, ds: DatasetInfo, batch_size: int, seed: int,
-                  first_epoch: int, epochs: int) -> tf.data.Dataset:
+def train_dataset(
+    images, labels, ds: DatasetInfo, batch_size: int, seed: int, first_epoch: int, epochs: int
+) -> tf.data.Dataset:
     """Batches of epochs [first_epoch, epochs): per-epoch permutation and augmentation
     are pure functions of (seed, epoch, index), so a resumed run is the same run."""
     n = len(images)
@@ -216,14 +326,16 @@ def train_dataset(images, labels, ds: DatasetInfo, batch_size: int, seed: int,
             item_seed = tf.stack([tf.cast(seed, tf.int64) * 1000003 + epoch, i])
             return _augment(images_t[j], item_seed, ds), labels_t[j]
 
-        return (tf.data.Dataset.range(n)
-                .map(example, num_parallel_calls=tf.data.AUTOTUNE)
-                .batch(batch_size)
-                .map(lambda x, y: (normalize(x, ds), y), num_parallel_calls=tf.data.AUTOTUNE))
+        return (
+            tf.data.Dataset.range(n)
+            .map(example, num_parallel_calls=tf.data.AUTOTUNE)
+            .batch(batch_size)
+            .map(lambda x, y: (normalize(x, ds), y), num_parallel_calls=tf.data.AUTOTUNE)
+        )
 
-    return (tf.data.Dataset.range(first_epoch, epochs)
-            .flat_map(one_epoch)
-            .prefetch(tf.data.AUTOTUNE)), num_batches
+    return (
+        tf.data.Dataset.range(first_epoch, epochs).flat_map(one_epoch).prefetch(tf.data.AUTOTUNE)
+    ), num_batches
 
 
 def without_autotune(dataset: tf.data.Dataset) -> tf.data.Dataset:
@@ -240,20 +352,33 @@ def eval_dataset(images, labels, ds: DatasetInfo, batch_size: int) -> tf.data.Da
         tf.data.Dataset.from_tensor_slices((images, labels))
         .batch(batch_size)
         .map(lambda x, y: (normalize(x, ds), y), num_parallel_calls=os.cpu_count() or 1)
-        .prefetch(2))
+        .prefetch(2)
+    )
 
 
 # ------------------------------------------------------------------------ ImageNet
-def imagenet_dataset(split: str, data_dir: str | None, batch_size: int, training: bool,
-                     seed: int = 0, download: bool = False) -> tf.data.Dataset:
+def imagenet_dataset(
+    split: str,
+    data_dir: str | None,
+    batch_size: int,
+    training: bool,
+    seed: int = 0,
+    download: bool = False,
+) -> tf.data.Dataset:
     """ImageNet from TFDS (prepared in data_dir). Train: random-resized crop
     (area 8%-100%) + flip; eval: resize short side to 256, center crop 224."""
     import tensorflow_datasets as tfds
 
     ds = info("imagenet2012")
     try:
-        data = tfds.load("imagenet2012", split=split, data_dir=data_dir, as_supervised=True,
-                         shuffle_files=training, download=download)
+        data = tfds.load(
+            "imagenet2012",
+            split=split,
+            data_dir=data_dir,
+            as_supervised=True,
+            shuffle_files=training,
+            download=download,
+        )
     except Exception as error:
         raise DataNotFoundError(
             f"imagenet2012 ({split}) not available: {type(error).__name__}; "
@@ -262,8 +387,12 @@ def imagenet_dataset(split: str, data_dir: str | None, batch_size: int, training
 
     def train_map(image, label):
         begin, size, _ = tf.image.sample_distorted_bounding_box(
-            tf.shape(image), tf.zeros([0, 0, 4]), area_range=(0.08, 1.0),
-            aspect_ratio_range=(3 / 4, 4 / 3), use_image_if_no_bounding_boxes=True)
+            tf.shape(image),
+            tf.zeros([0, 0, 4]),
+            area_range=(0.08, 1.0),
+            aspect_ratio_range=(3 / 4, 4 / 3),
+            use_image_if_no_bounding_boxes=True,
+        )
         image = tf.image.resize(tf.slice(image, begin, size), (224, 224))
         return normalize(tf.image.random_flip_left_right(image), ds), label
 
@@ -276,5 +405,8 @@ def imagenet_dataset(split: str, data_dir: str | None, batch_size: int, training
 
     if training:
         data = data.shuffle(10_000, seed=seed)
-    return (data.map(train_map if training else eval_map, num_parallel_calls=tf.data.AUTOTUNE)
-            .batch(batch_size).prefetch(tf.data.AUTOTUNE))
+    return (
+        data.map(train_map if training else eval_map, num_parallel_calls=tf.data.AUTOTUNE)
+        .batch(batch_size)
+        .prefetch(tf.data.AUTOTUNE)
+    )

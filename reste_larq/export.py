@@ -21,12 +21,49 @@ import larq as lq
 import numpy as np
 import tensorflow as tf
 
+from reste_larq.errors import ConfigError
+
 _BUILTIN_NAMES = None
 
 
+def _float32_config(config):
+    """A model config with every layer's dtype policy replaced by float32."""
+    if isinstance(config, dict):
+        return {
+            key: "float32" if key == "dtype" else _float32_config(value)
+            for key, value in config.items()
+        }
+    if isinstance(config, list):
+        return [_float32_config(value) for value in config]
+    return config
+
+
+def is_mixed_precision(model: tf.keras.Model) -> bool:
+    return any(layer.dtype_policy.compute_dtype != "float32" for layer in [model, *model.layers])
+
+
+def float32_twin(model: tf.keras.Model) -> tf.keras.Model:
+    """The same model computing in float32, with the same weights (mixed-precision
+    models keep float32 variables, so nothing is rounded). The deployed form: LCE
+    converts float32 graphs."""
+    # The model object takes the global policy when made: float32 while building it.
+    policy = tf.keras.mixed_precision.global_policy()
+    tf.keras.mixed_precision.set_global_policy("float32")
+    try:
+        twin = tf.keras.Model.from_config(_float32_config(model.get_config()))
+    finally:
+        tf.keras.mixed_precision.set_global_policy(policy)
+    twin.set_weights(model.get_weights())
+    return twin
+
+
 def convert(model: tf.keras.Model) -> bytes:
-    """Convert with Larq Compute Engine (binary convs become LceBconv2d)."""
+    """Convert with Larq Compute Engine (binary convs become LceBconv2d). A
+    mixed-precision model is converted as its `float32_twin`."""
     import larq_compute_engine as lce
+
+    if is_mixed_precision(model):
+        model = float32_twin(model)
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -91,7 +128,7 @@ def predict_tflite(flatbuffer: bytes, images: np.ndarray, num_threads: int = 1) 
     """Logits of the converted model, one image at a time (LCE's interpreter is batch 1)."""
     images = np.asarray(images, dtype=np.float32)
     if len(images) == 0:
-        raise ValueError("no images to predict")
+        raise ConfigError("no images to predict")
     return np.asarray(interpreter(flatbuffer, num_threads).predict(images))
 
 
@@ -112,7 +149,7 @@ def evaluate_tflite(flatbuffer: bytes, dataset: tf.data.Dataset, num_threads: in
         all_logits.append(np.asarray(it.predict(images.astype(np.float32))))
         all_labels.append(labels)
     if not all_logits:
-        raise ValueError("the evaluation dataset is empty")
+        raise ConfigError("the evaluation dataset is empty")
     logits = np.concatenate(all_logits).reshape(-1, all_logits[0].shape[-1])
     labels = np.concatenate(all_labels)
     return topk_accuracy(logits, labels, 1), topk_accuracy(logits, labels, 5)

@@ -39,6 +39,8 @@ import tensorflow as tf
 from larq import utils as lq_utils
 from larq.quantizers import _BaseQuantizer
 
+from reste_larq.errors import ConfigError
+
 __all__ = [
     "ESTIMATORS",
     "BinaryConnect",
@@ -132,9 +134,7 @@ def reste_equivalent_forward(x, o):
 def signswish(x, mu):
     r"""SignSwish SS_mu(x) = 2 sigmoid(mu x) (1 + mu x (1 - sigmoid(mu x))) - 1."""
     dtype = _compute_dtype(x)
-    z = tf.clip_by_value(
-        tf.cast(mu, dtype) * tf.cast(x, dtype), -_SIGNSWISH_CLIP, _SIGNSWISH_CLIP
-    )
+    z = tf.clip_by_value(tf.cast(mu, dtype) * tf.cast(x, dtype), -_SIGNSWISH_CLIP, _SIGNSWISH_CLIP)
     # 1 - sigmoid(z) is computed as sigmoid(-z): exact where sigmoid(z) rounds to 1.
     return tf.cast(2.0 * tf.sigmoid(z) * (1.0 + z * tf.sigmoid(-z)) - 1.0, x.dtype)
 
@@ -209,7 +209,7 @@ def wrn_sign(w):
 # --------------------------------------------------------------------------- classes
 def _check(condition, message):
     if not condition:
-        raise ValueError(message)
+        raise ConfigError(message)
 
 
 class _ScheduledSign(_BaseQuantizer):
@@ -495,11 +495,11 @@ def estimators() -> list[str]:
 
 
 def canonical_estimator(name: str) -> str:
-    """'ReSTE' -> 'reste'; raises a ValueError naming the choices if unknown."""
+    """'ReSTE' -> 'reste'; raises a ConfigError naming the choices if unknown."""
     name = _ESTIMATOR_ALIASES.get(name, name)
     if name not in ESTIMATORS:
         aliases = ", ".join(sorted(_ESTIMATOR_ALIASES))
-        raise ValueError(
+        raise ConfigError(
             f"unknown quantizer {name!r}; choose one of {', '.join(estimators())} "
             f"(aliases: {aliases})"
         )

@@ -45,7 +45,9 @@ def write_idx(root, split, images, labels):
     with gzip.open(os.path.join(root, image_file), "wb") as f:
         f.write(header + images.astype(np.uint8).tobytes())
     with gzip.open(os.path.join(root, label_file), "wb") as f:
-        f.write(b"\x00\x00\x08\x01" + len(labels).to_bytes(4, "big") + labels.astype(np.uint8).tobytes())
+        f.write(
+            b"\x00\x00\x08\x01" + len(labels).to_bytes(4, "big") + labels.astype(np.uint8).tobytes()
+        )
 
 
 @pytest.mark.parametrize("archive", [False, True])
@@ -66,8 +68,14 @@ def test_cifar100_official_format(tmp_path):
     imgs = rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
     for name in ("train", "test"):
         with open(folder / name, "wb") as f:
-            pickle.dump({b"data": imgs.transpose(0, 3, 1, 2).reshape(3, -1),
-                         b"fine_labels": [5, 99, 0], b"coarse_labels": [1, 2, 3]}, f)
+            pickle.dump(
+                {
+                    b"data": imgs.transpose(0, 3, 1, 2).reshape(3, -1),
+                    b"fine_labels": [5, 99, 0],
+                    b"coarse_labels": [1, 2, 3],
+                },
+                f,
+            )
     x, y = data.load_arrays("cifar100", "test", str(tmp_path))
     np.testing.assert_array_equal(x, imgs)
     np.testing.assert_array_equal(y, [5, 99, 0])
@@ -84,8 +92,10 @@ def test_idx_format(tmp_path, name):
     np.testing.assert_array_equal(y, labels)
 
 
-@pytest.mark.skipif(not os.path.isdir("/usr/share/datasets/fashion-mnist"),
-                    reason="Debian's dataset-fashion-mnist is not installed")
+@pytest.mark.skipif(
+    not os.path.isdir("/usr/share/datasets/fashion-mnist"),
+    reason="Debian's dataset-fashion-mnist is not installed",
+)
 def test_debian_fashion_mnist_is_found_without_data_dir():
     x, y = data.load_arrays("fashion_mnist", "test")
     assert x.shape == (10000, 28, 28, 1) and set(np.unique(y)) == set(range(10))
@@ -133,11 +143,13 @@ def test_train_pipeline_is_a_function_of_seed_and_epoch():
         np.testing.assert_array_equal(a, c)
         np.testing.assert_array_equal(b, d)
     # each epoch is a permutation of all examples, different between epochs
-    epoch_labels = [np.concatenate([y for _, y in full[3 * e: 3 * e + 3]]) for e in range(3)]
+    epoch_labels = [np.concatenate([y for _, y in full[3 * e : 3 * e + 3]]) for e in range(3)]
     for e in epoch_labels:
         assert sorted(e) == list(range(10))
     assert not np.array_equal(epoch_labels[0], epoch_labels[1])
-    other_seed = _batches(data.train_dataset(images, labels, info, 4, seed=8, first_epoch=0, epochs=1)[0])
+    other_seed = _batches(
+        data.train_dataset(images, labels, info, 4, seed=8, first_epoch=0, epochs=1)[0]
+    )
     assert not all(np.array_equal(a[0], b[0]) for a, b in zip(full, other_seed))
 
 
@@ -146,11 +158,24 @@ def test_augmentation_is_crop_and_flip_of_the_image():
     info = data.info("cifar10")
     seen_flip = seen_shift = False
     for i in range(20):
-        out = data._augment(tf.constant(image.astype(np.uint8)), tf.constant([3, i], tf.int64), info).numpy()
+        out = data._augment(
+            tf.constant(image.astype(np.uint8)), tf.constant([3, i], tf.int64), info
+        ).numpy()
         padded = np.pad(image, [(4, 4), (4, 4), (0, 0)])
-        matches = [(dy, dx, flip) for dy in range(9) for dx in range(9) for flip in (False, True)
-                   if np.array_equal(out, (padded[dy:dy + 32, dx:dx + 32][:, ::-1] if flip
-                                           else padded[dy:dy + 32, dx:dx + 32]))]
+        matches = [
+            (dy, dx, flip)
+            for dy in range(9)
+            for dx in range(9)
+            for flip in (False, True)
+            if np.array_equal(
+                out,
+                (
+                    padded[dy : dy + 32, dx : dx + 32][:, ::-1]
+                    if flip
+                    else padded[dy : dy + 32, dx : dx + 32]
+                ),
+            )
+        ]
         assert matches, "output is not a 32x32 crop (maybe flipped) of the padded image"
         seen_flip |= any(m[2] for m in matches)
         seen_shift |= any(m[:2] != (4, 4) for m in matches)
@@ -164,4 +189,139 @@ def test_mnist_is_not_flipped():
 def test_normalization_uses_reference_statistics():
     info = data.info("cifar10")
     white = data.normalize(tf.fill((1, 1, 1, 3), tf.constant(255, tf.uint8)), info).numpy().ravel()
-    np.testing.assert_allclose(white, (1 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225]), rtol=1e-6)
+    np.testing.assert_allclose(
+        white, (1 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225]), rtol=1e-6
+    )
+
+
+# ------------------------------------------------------------------ bad files
+def _write_cifar_batch(path, rows, labels):
+    with open(path, "wb") as f:
+        pickle.dump({b"data": rows, b"labels": labels}, f)
+
+
+def bad_cifar(kind, root):
+    """A CIFAR-10 folder or archive damaged in one way; returns the file to blame."""
+    write_cifar10(root, n_per_batch=2)
+    folder = os.path.join(root, "cifar-10-batches-py")
+    test_batch = os.path.join(folder, "test_batch")
+    if kind == "corrupt archive":
+        import shutil
+
+        shutil.rmtree(folder)
+        path = os.path.join(root, "cifar-10-python.tar.gz")
+        with open(path, "wb") as f:
+            f.write(b"<html>not the archive</html>")
+        return path, "not a readable .tar.gz"
+    if kind == "archive without test_batch":
+        import shutil
+
+        shutil.rmtree(folder)
+        path = os.path.join(root, "cifar-10-python.tar.gz")
+        with tarfile.open(path, "w:gz") as tar:
+            info = tarfile.TarInfo("cifar-10-batches-py/readme.html")
+            tar.addfile(info, fileobj=None)
+        return path, "has no cifar-10-batches-py/test_batch"
+    if kind == "missing test_batch":
+        os.remove(test_batch)
+        return test_batch, "is missing"
+    if kind == "not a pickle":
+        with open(test_batch, "wb") as f:
+            f.write(b"\x00garbage")
+        return test_batch, "is not a CIFAR python batch"
+    if kind == "truncated pickle":
+        with open(test_batch, "rb") as f:
+            content = f.read()
+        with open(test_batch, "wb") as f:
+            f.write(content[: len(content) // 2])
+        return test_batch, "is not a CIFAR python batch"
+    if kind == "wrong row size":
+        _write_cifar_batch(test_batch, np.zeros((2, 3000), np.uint8), [0, 1])
+        return test_batch, "expected N rows of 3072 bytes"
+    if kind == "label out of range":
+        _write_cifar_batch(test_batch, np.zeros((2, 3072), np.uint8), [3, 10])
+        return folder, "labels must be in 0..9, found 3..10"
+    if kind == "label count":
+        _write_cifar_batch(test_batch, np.zeros((2, 3072), np.uint8), [3])
+        return folder, "2 images but 1 labels"
+    raise AssertionError(kind)
+
+
+CIFAR_FAULTS = [
+    "corrupt archive",
+    "archive without test_batch",
+    "missing test_batch",
+    "not a pickle",
+    "truncated pickle",
+    "wrong row size",
+    "label out of range",
+    "label count",
+]
+
+
+@pytest.mark.parametrize("kind", CIFAR_FAULTS)
+def test_damaged_cifar_files_name_the_file_and_the_fault(tmp_path, kind):
+    blamed, message = bad_cifar(kind, str(tmp_path))
+    with pytest.raises(data.DataFormatError) as error:
+        data.load_arrays("cifar10", "test", str(tmp_path))
+    text = str(error.value)
+    assert blamed in text and message in text and "\n" not in text, text
+
+
+def bad_idx(kind, root):
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (4, 28, 28)), rng.integers(0, 10, 4)
+    write_idx(root, "test", images, labels)
+    image_path, label_path = (os.path.join(root, f) for f in data._IDX["test"])
+    if kind == "not gzip":
+        with open(image_path, "wb") as f:
+            f.write(b"plain bytes")
+        return image_path, "not a readable .gz file"
+    if kind == "truncated gzip":
+        with open(image_path, "rb") as f:
+            content = f.read()
+        with open(image_path, "wb") as f:
+            f.write(content[: len(content) // 2])
+        return image_path, "not a readable .gz file"
+    if kind == "truncated data":
+        with gzip.open(image_path, "rb") as f:
+            content = f.read()
+        with gzip.open(image_path, "wb") as f:
+            f.write(content[:-100])
+        return image_path, "its header says 4x28x28 = 3136"
+    if kind == "wrong magic":
+        with gzip.open(label_path, "wb") as f:
+            f.write(b"\x00\x00\x0d\x01" + (4).to_bytes(4, "big") + bytes(16))
+        return label_path, "not an idx file of unsigned bytes"
+    if kind == "images for labels":  # files swapped
+        os.replace(image_path, label_path + ".tmp")
+        os.replace(label_path, image_path)
+        os.replace(label_path + ".tmp", label_path)
+        return image_path, "with 3 dimension(s)"
+    if kind == "label out of range":
+        write_idx(root, "test", images, np.array([1, 2, 12, 0]))
+        return label_path, "labels must be in 0..9, found 0..12"
+    if kind == "count mismatch":
+        write_idx(root, "test", images, labels[:3])
+        return label_path, "has 4 images but"
+    raise AssertionError(kind)
+
+
+IDX_FAULTS = [
+    "not gzip",
+    "truncated gzip",
+    "truncated data",
+    "wrong magic",
+    "images for labels",
+    "label out of range",
+    "count mismatch",
+]
+
+
+@pytest.mark.parametrize("kind", IDX_FAULTS)
+def test_damaged_idx_files_name_the_file_and_the_fault(tmp_path, kind):
+    blamed, message = bad_idx(kind, str(tmp_path))
+    with pytest.raises(data.DataFormatError) as error:
+        data.load_arrays("mnist", "test", str(tmp_path))
+    text = str(error.value)
+    assert blamed in text and message in text and "\n" not in text, text

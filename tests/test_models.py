@@ -2,8 +2,8 @@
 published parameter count, converts every binary conv to LceBconv2d, and its TFLite
 twin agrees with Keras in inference mode."""
 
-import io
 import contextlib
+import io
 
 import larq as lq
 import numpy as np
@@ -15,6 +15,11 @@ from reste_larq.quantizers import estimators
 
 CIFAR = models.available("cifar")
 IMAGENET = models.available("imagenet")
+SLOW = pytest.mark.slow
+# The 34-layer ImageNet nets repeat the 18-layer ones' blocks: default suite keeps the 18s.
+ALL_MODELS = CIFAR + [
+    pytest.param(n, marks=SLOW) if n.endswith("34") or "34_" in n else n for n in IMAGENET
+]
 FAMILIES = estimators()
 
 
@@ -24,8 +29,10 @@ def small_input(name):
 
 
 def train_one_step(model):
-    model.compile(tf.keras.optimizers.SGD(0.01, momentum=0.9),
-                  tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.compile(
+        tf.keras.optimizers.SGD(0.01, momentum=0.9),
+        tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
     shape = model.input_shape[1:]
     x = np.random.default_rng(0).standard_normal((2, *shape)).astype(np.float32)
     before = [w.numpy() for w in model.trainable_weights]
@@ -36,10 +43,19 @@ def train_one_step(model):
 
 
 def test_available_and_errors():
-    assert set(CIFAR) == {"resnet20_1w1a", "resnet20_bireal_1w1a", "resnet18_1w1a",
-                          "vgg_small_1w1a", "wrn20_10_1bit"}
-    assert set(IMAGENET) == {"resnet18_1w1a_imagenet", "resnet34_1w1a_imagenet",
-                             "birealnet18", "birealnet34"}
+    assert set(CIFAR) == {
+        "resnet20_1w1a",
+        "resnet20_bireal_1w1a",
+        "resnet18_1w1a",
+        "vgg_small_1w1a",
+        "wrn20_10_1bit",
+    }
+    assert set(IMAGENET) == {
+        "resnet18_1w1a_imagenet",
+        "resnet34_1w1a_imagenet",
+        "birealnet18",
+        "birealnet34",
+    }
     with pytest.raises(ValueError, match="choose one of resnet20_1w1a"):
         models.build("resnet21")
     with pytest.raises(ValueError, match="accepts width"):
@@ -50,7 +66,7 @@ def test_available_and_errors():
         models.build("resnet20_1w1a", padding="reflect")
 
 
-@pytest.mark.parametrize("name", CIFAR + IMAGENET)
+@pytest.mark.parametrize("name", ALL_MODELS)
 @pytest.mark.parametrize("a32", [False, True])
 def test_each_model_builds_and_trains_a_step(name, a32):
     train_one_step(models.build(name, input_shape=small_input(name), num_classes=5, a32=a32))
@@ -67,16 +83,23 @@ def test_each_estimator_family_trains_resnet20(family, a32):
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("a32", [False, True])
 def test_full_cross_product_trains_a_step(name, family, a32):
-    train_one_step(models.build(name, quantizer=family, input_shape=small_input(name),
-                                num_classes=5, a32=a32))
+    train_one_step(
+        models.build(name, quantizer=family, input_shape=small_input(name), num_classes=5, a32=a32)
+    )
 
 
 # Published sizes: ResNet-20 0.27M, VGG-small 4.66M, CIFAR ResNet-18 11.2M,
 # WRN-20-10 26.8M, ImageNet ResNet-18 11.7M / ResNet-34 21.8M.
 PARAMS = {
-    "resnet20_1w1a": 0.27e6, "resnet20_bireal_1w1a": 0.27e6, "resnet18_1w1a": 11.17e6,
-    "vgg_small_1w1a": 4.66e6, "wrn20_10_1bit": 26.8e6, "resnet18_1w1a_imagenet": 11.7e6,
-    "resnet34_1w1a_imagenet": 21.8e6, "birealnet18": 11.7e6, "birealnet34": 21.8e6,
+    "resnet20_1w1a": 0.27e6,
+    "resnet20_bireal_1w1a": 0.27e6,
+    "resnet18_1w1a": 11.17e6,
+    "vgg_small_1w1a": 4.66e6,
+    "wrn20_10_1bit": 26.8e6,
+    "resnet18_1w1a_imagenet": 11.7e6,
+    "resnet34_1w1a_imagenet": 21.8e6,
+    "birealnet18": 11.7e6,
+    "birealnet34": 21.8e6,
 }
 
 
@@ -91,8 +114,14 @@ def test_birealnet18_matches_larq_zoo():
     ours = models.build("birealnet18")
     zoo = larq_zoo.literature.BiRealNet(weights=None)
     assert ours.count_params() == zoo.count_params()
-    kinds = lambda m: [type(layer).__name__ for layer in m.layers  # noqa: E731
-                       if isinstance(layer, (tf.keras.layers.Conv2D, tf.keras.layers.Dense))]
+
+    def kinds(m):
+        return [
+            type(layer).__name__
+            for layer in m.layers
+            if isinstance(layer, (tf.keras.layers.Conv2D, tf.keras.layers.Dense))
+        ]
+
     assert kinds(ours) == kinds(zoo)
 
 
@@ -101,7 +130,11 @@ def expected_binary_mac_ratio(model):
     binary = floating = 0
     for layer in model.layers:
         if isinstance(layer, (tf.keras.layers.Conv2D, tf.keras.layers.Dense)):
-            out = np.prod(layer.output_shape[1:-1]) if isinstance(layer, tf.keras.layers.Conv2D) else 1
+            out = (
+                np.prod(layer.output_shape[1:-1])
+                if isinstance(layer, tf.keras.layers.Conv2D)
+                else 1
+            )
             macs = int(np.prod(layer.kernel.shape)) * int(out)
             binary_input = getattr(getattr(layer, "input_quantizer", None), "precision", None) == 1
             if isinstance(layer, lq.layers.QuantConv2D) and binary_input:
@@ -136,7 +169,10 @@ def with_trained_batchnorm(model):
         if isinstance(layer, tf.keras.layers.BatchNormalization):
             for w in layer.weights:
                 base = 1.0 if ("gamma" in w.name or "variance" in w.name) else 0.0
-                w.assign(base + 0.2 * rng.standard_normal(w.shape).astype(np.float32) * (0.5 if base else 1))
+                w.assign(
+                    base
+                    + 0.2 * rng.standard_normal(w.shape).astype(np.float32) * (0.5 if base else 1)
+                )
     return model
 
 
@@ -165,9 +201,17 @@ def check_conversion(model, samples=8):
     float_convs = sum(1 for l in model.layers if type(l) is tf.keras.layers.Conv2D)
     assert ops.get("CONV_2D", 0) == float_convs
 
-    x = np.random.default_rng(1).standard_normal((samples, *model.input_shape[1:])).astype(np.float32)
-    binary = [l for l in model.layers if isinstance(l, lq.layers.QuantConv2D)
-              and getattr(l.input_quantizer, "precision", None) == 1]
+    x = (
+        np.random.default_rng(1)
+        .standard_normal((samples, *model.input_shape[1:]))
+        .astype(np.float32)
+    )
+    binary = [
+        l
+        for l in model.layers
+        if isinstance(l, lq.layers.QuantConv2D)
+        and getattr(l.input_quantizer, "precision", None) == 1
+    ]
     prefix = tf.keras.Model(model.input, binary[min(1, len(binary) - 1)].output)
     prefix_diff, _, _ = max_diff_per_sample(prefix, x)
     assert (prefix_diff < 1e-4).sum() >= samples - 1, prefix_diff
@@ -191,7 +235,9 @@ def test_imagenet_model_converts_completely(name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["resnet18_1w1a_imagenet", "resnet34_1w1a_imagenet", "birealnet34"])
+@pytest.mark.parametrize(
+    "name", ["resnet18_1w1a_imagenet", "resnet34_1w1a_imagenet", "birealnet34"]
+)
 def test_imagenet_models_convert_completely_slow(name):
     check_conversion(with_trained_batchnorm(models.build(name)), samples=4)
 
@@ -201,9 +247,13 @@ def test_resnet20_zero_padding_converts_exactly():
     assert all(check_conversion(model))
 
 
-@pytest.mark.parametrize("quantizer", ["reste", "bnnpp", "ste"])
+@pytest.mark.parametrize(
+    "quantizer", ["reste", pytest.param("bnnpp", marks=SLOW), pytest.param("ste", marks=SLOW)]
+)
 def test_resnet20_converts_exactly_for_estimators(quantizer):
-    close = check_conversion(with_trained_batchnorm(models.build("resnet20_1w1a", quantizer=quantizer)))
+    close = check_conversion(
+        with_trained_batchnorm(models.build("resnet20_1w1a", quantizer=quantizer))
+    )
     assert all(close)  # 0.3M sign inputs per image: flips are rare enough to demand all
 
 
@@ -212,3 +262,117 @@ def test_a32_keeps_activations_real_and_converts_to_float_convs():
     assert export.count_binary_convs(model) == 0
     ops = export.op_counts(export.convert(model))
     assert "LceBconv2d" not in ops and ops["CONV_2D"] == 19
+
+
+# ---------------------------------------------------------------- structure
+# What the reference (DravenALG/ReSTE) and the papers build, written out here, not read
+# from the code under test: the binary convs' init and what follows each binary conv.
+HE_FAN_IN = ("untruncated_normal", lambda k, cin, cout: np.sqrt(2.0 / (k * k * cin)))
+HE_FAN_OUT = ("untruncated_normal", lambda k, cin, cout: np.sqrt(2.0 / (k * k * cout)))
+TORCH_DEFAULT = ("uniform", lambda k, cin, cout: 1.0 / np.sqrt(3.0 * k * k * cin))
+GLOROT_NORMAL = ("truncated_normal", lambda k, cin, cout: np.sqrt(2.0 / (k * k * (cin + cout))))
+BINARY_CONV = {  # model: (init family and std, the layers after each binary conv)
+    # resnet20.py: kaiming_normal_ on every Conv2d and Linear
+    "resnet20_1w1a": (HE_FAN_IN, ["ReLU", "BatchNormalization"]),
+    "resnet20_bireal_1w1a": (HE_FAN_IN, ["ReLU", "BatchNormalization"]),
+    # resnet18.py (CIFAR): no init code at all, PyTorch's default kaiming_uniform(a=sqrt 5)
+    "resnet18_1w1a": (TORCH_DEFAULT, ["ReLU", "BatchNormalization"]),
+    # vgg_small.py: normal(0, sqrt(2 / (k*k*out)))
+    "vgg_small_1w1a": (HE_FAN_OUT, ["ReLU", "BatchNormalization"]),
+    # McDonnell's WRN (pre-activation: BN -> conv; the next layer is the next block's BN)
+    "wrn20_10_1bit": (HE_FAN_OUT, None),
+    # imagenet resnet18.py / resnet34.py: kaiming_normal_ on every Conv2d
+    "resnet18_1w1a_imagenet": (HE_FAN_IN, ["ReLU", "BatchNormalization"]),
+    "resnet34_1w1a_imagenet": (HE_FAN_IN, ["ReLU", "BatchNormalization"]),
+    # Bi-Real Net (larq_zoo): glorot_normal, binary conv -> BN
+    "birealnet18": (GLOROT_NORMAL, ["BatchNormalization"]),
+    "birealnet34": (GLOROT_NORMAL, ["BatchNormalization"]),
+}
+
+
+def binary_convs(model):
+    return [
+        l
+        for l in model.layers
+        if isinstance(l, lq.layers.QuantConv2D) and l.kernel_quantizer is not None
+    ]
+
+
+def next_layers(layer, count):
+    """The chain of single consumers after `layer`, as class names."""
+    names = []
+    for _ in range(count):
+        (node,) = layer._outbound_nodes
+        layer = node.outbound_layer
+        names.append(type(layer).__name__)
+    return names
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_binary_conv_init_and_order_are_the_references(name):
+    (family, std_of), after = BINARY_CONV[name]
+    model = models.build(name, input_shape=small_input(name), num_classes=5)
+    convs = binary_convs(model)
+    assert convs
+    for layer in convs:
+        init = layer.kernel_initializer
+        # GlorotNormal is VarianceScaling(1, fan_avg, truncated_normal) without saying so
+        distribution = (
+            "truncated_normal"
+            if isinstance(init, tf.keras.initializers.GlorotNormal)
+            else init.get_config().get("distribution")
+        )
+        assert distribution == family, (layer.name, init.get_config())
+        k, _, cin, cout = layer.kernel.shape
+        w = (
+            layer.kernel.latent_variable.numpy()
+            if hasattr(layer.kernel, "latent_variable")
+            else layer.kernel.numpy()
+        )
+        expected = std_of(k, cin, cout)
+        # 576+ values per kernel: the sample std is within 10% of the family's
+        assert np.std(w) == pytest.approx(expected, rel=0.1), layer.name
+        if family == "uniform":
+            assert np.max(np.abs(w)) <= np.sqrt(3) * expected * (1 + 1e-6)
+        if after is not None:
+            assert next_layers(layer, len(after)) == after, layer.name
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_batchnorm_is_pytorchs_and_padding_follows_the_choice(name):
+    for padding in ("one", "zero"):
+        model = models.build(
+            name, input_shape=small_input(name), num_classes=5, a32=False, padding=padding
+        )
+        for layer in model.layers:
+            if isinstance(layer, tf.keras.layers.BatchNormalization):
+                assert (layer.momentum, layer.epsilon) == (0.9, 1e-5), layer.name
+        for layer in binary_convs(model):
+            assert layer.pad_values == (1.0 if padding == "one" else 0.0), layer.name
+    # real activations are zero-padded whatever the choice
+    model = models.build(
+        name, input_shape=small_input(name), num_classes=5, a32=True, padding="one"
+    )
+    assert all(layer.pad_values == 0.0 for layer in binary_convs(model))
+
+
+def test_shortcut_option_a_is_subsample_and_quarter_zero_channels():
+    from reste_larq.models.blocks import ChannelPad, shortcut_option_a
+
+    x = np.arange(2 * 6 * 6 * 16, dtype=np.float32).reshape(2, 6, 6, 16)
+    inputs = tf.keras.Input((6, 6, 16))
+    out = tf.keras.Model(inputs, shortcut_option_a(inputs, 32, 2))(x).numpy()
+    # the reference: F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, planes // 4, planes // 4))
+    expected = np.zeros((2, 3, 3, 32), np.float32)
+    expected[..., 8:24] = x[:, ::2, ::2, :]
+    np.testing.assert_array_equal(out, expected)
+    # same size: the identity
+    inputs = tf.keras.Input((6, 6, 16))
+    np.testing.assert_array_equal(
+        tf.keras.Model(inputs, shortcut_option_a(inputs, 16, 1))(x).numpy(), x
+    )
+    padded = ChannelPad(64)(x).numpy()
+    assert padded.shape == (2, 6, 6, 64)
+    np.testing.assert_array_equal(padded[..., 24:40], x)
+    assert not padded[..., :24].any() and not padded[..., 40:].any()
+    assert ChannelPad.from_config(ChannelPad(64).get_config()).filters == 64

@@ -13,17 +13,45 @@ from reste_larq.callbacks import EstimatorSchedule
 from reste_larq.export import convert, op_counts
 
 GRID = np.concatenate([np.linspace(-2.0, 2.0, 4001), [0.0, 0.1, -0.1, 1.5, -1.5]])
-SPECIAL = np.array([0.0, 1e-30, -1e-30, 1e30, -1e30, 0.1, -0.1, 1.5, -1.5,
-                    1.5000001, -1.5000001, 0.0999999, 6.0e4, -6.0e4])
+SPECIAL = np.array(
+    [
+        0.0,
+        1e-30,
+        -1e-30,
+        1e30,
+        -1e30,
+        0.1,
+        -0.1,
+        1.5,
+        -1.5,
+        1.5000001,
+        -1.5000001,
+        0.0999999,
+        6.0e4,
+        -6.0e4,
+    ]
+)
 # Two Larq quantizers fail at float16 magnitudes near the float16 maximum; we keep them
 # available by Larq's names but our estimators do not use them there:
 # - magnitude_aware_sign averages |x| in float16, which overflows (MeanAbsScaled casts);
 # - swish_sign computes inf / inf = NaN once beta * |x| overflows (`bnn+` is BNNPlus).
 FLOAT16_HUGE_UNSUPPORTED = {"magnitude_aware_sign", "swish_sign"}
 # Every quantizer name a user can pass as input_quantizer/kernel_quantizer.
-QUANTIZER_NAMES = ["reste", "ReSTE", "bnnpp", "bnn++", "binary_connect", "wrn_sign",
-                   "ste", "bnn", "bnn+", "ste_sign", "swish_sign", "approx_sign",
-                   "magnitude_aware_sign"]
+QUANTIZER_NAMES = [
+    "reste",
+    "ReSTE",
+    "bnnpp",
+    "bnn++",
+    "binary_connect",
+    "wrn_sign",
+    "ste",
+    "bnn",
+    "bnn+",
+    "ste_sign",
+    "swish_sign",
+    "approx_sign",
+    "magnitude_aware_sign",
+]
 
 
 # ---------------------------------------------------------------- float64 formulas
@@ -109,7 +137,9 @@ def test_bnnpp_training_forward_and_gradient_match_formula(mu):
 
 def test_bnnpp_inference_forward_is_sign():
     q = Q.BNNpp(mu=3.0)
-    np.testing.assert_array_equal(q(tf.constant(GRID, tf.float32), training=False).numpy(), np_sign(GRID))
+    np.testing.assert_array_equal(
+        q(tf.constant(GRID, tf.float32), training=False).numpy(), np_sign(GRID)
+    )
     np.testing.assert_array_equal(q(tf.constant(GRID, tf.float32)).numpy(), np_sign(GRID))
 
 
@@ -143,20 +173,78 @@ def test_wrn_sign_scale_and_identity_backward():
     np.testing.assert_array_equal(g, np.ones_like(w))
 
 
-def test_mean_abs_scaled_forward_and_gradient():
+@pytest.mark.parametrize(
+    "inner, inner_grad",
+    [
+        ("ste", lambda w: (np.abs(w) <= 1).astype(np.float64)),
+        (Q.ReSTE(o=1.0), lambda w: np_reste_grad(w, 1.0)),
+        (Q.ReSTE(o=3.0), lambda w: np_reste_grad(w, 3.0)),
+    ],
+    ids=["ste", "reste_o1", "reste_o3"],
+)
+def test_mean_abs_scaled_forward_and_gradient(inner, inner_grad):
+    """q(w) = mean|w| * sign(w), differentiated by hand: the scale is not detached (as
+    the reference's `scaler`), so
+    dL/dw_i = mean|w| q'(w_i) dy_i + sign(w_i) / N * sum_j dy_j sign(w_j)."""
     w = np.random.default_rng(1).standard_normal((3, 3, 4, 2)).astype(np.float32) * 0.5
-    q = Q.MeanAbsScaled("ste")
+    w[0, 0, 0, :] = [0.0, 0.05]  # 0 and ReSTE's inner region
+    q = Q.MeanAbsScaled(inner)
     dy = np.random.default_rng(2).standard_normal(w.shape).astype(np.float32)
     x = tf.constant(w)
     with tf.GradientTape() as tape:
         tape.watch(x)
         y = q(x)
     g = tape.gradient(y, x, output_gradients=tf.constant(dy)).numpy()
-    m = np.abs(w).mean()
-    np.testing.assert_allclose(y.numpy(), m * np_sign(w), rtol=1e-6)
-    # d/dw [mean|w| * q(w)] = mean|w| q'(w) dy + sum(dy q(w)) sign(w) / N
-    expected = m * (np.abs(w) <= 1) * dy + (dy * np_sign(w)).sum() * np.sign(w) / w.size
+    w64, dy64 = w.astype(np.float64), dy.astype(np.float64)
+    m = np.abs(w64).mean()
+    np.testing.assert_allclose(y.numpy(), m * np_sign(w64), rtol=1e-6)
+    expected = m * inner_grad(w) * dy64 + (dy64 * np_sign(w64)).sum() * np.sign(w64) / w.size
     np.testing.assert_allclose(g, expected, rtol=1e-5, atol=1e-6)
+
+
+def reference_reste_backward(x, o, t=1.5, interval=0.1):
+    """Binary_ReSTE.backward of the reference, mask by mask as its code writes it."""
+    tmp = np.zeros_like(x)
+    mask1 = (x <= t) & (x > interval)
+    tmp[mask1] = (1 / o) * np.power(x[mask1], (1 - o) / o)
+    mask2 = (x >= -t) & (x < -interval)
+    tmp[mask2] = (1 / o) * np.power(-x[mask2], (1 - o) / o)
+    tmp[(x <= interval) & (x >= 0)] = interval ** (1 / o) / interval
+    tmp[(x <= 0) & (x >= -interval)] = -(-(interval ** (1 / o))) / interval
+    return tmp
+
+
+GOLDEN_X = np.array([-2.0, -1.5, -1.0, -0.5, -0.1, -0.05, 0.0, 0.05, 0.1, 0.5, 1.0, 1.5, 2.0])
+
+
+@pytest.mark.parametrize("o", [1.0, 2.0, 3.0])
+def test_reste_input_gradient_golden(o):
+    """A 1x1 binary conv with fixed weights: the gradient reaching its input is the
+    reference's backward times the weights' back-projection (computed here)."""
+    weights = np.array([[0.3, -0.2, 0.7]], np.float32).reshape(1, 1, 1, 3)
+    layer = lq.layers.QuantConv2D(
+        3, 1, use_bias=False, input_quantizer=Q.ReSTE(o=o), kernel_quantizer=None
+    )
+    x = tf.constant(GOLDEN_X.reshape(1, 1, -1, 1), tf.float32)
+    layer.build(x.shape)
+    layer.kernel.assign(weights)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = layer(x)
+    upstream = np.array([1.0, 2.0, -1.0], np.float32)
+    g = tape.gradient(
+        y, x, output_gradients=tf.constant(np.tile(upstream, (13, 1)).reshape(y.shape))
+    )
+    back = float(weights.ravel() @ upstream)  # d y / d sign(x) summed over filters: 0.6
+    np.testing.assert_allclose(
+        g.numpy().ravel(), back * reference_reste_backward(GOLDEN_X, o), rtol=1e-5
+    )
+    if o == 3.0:  # worked by hand: 1/3 * 0.5^(-2/3), 0.1^(1/3) / 0.1, 1/3 * 1.5^(-2/3)
+        golden = dict(zip(GOLDEN_X, g.numpy().ravel() / back))
+        assert golden[0.5] == pytest.approx(0.529134, rel=1e-5)
+        assert golden[-0.05] == golden[0.0] == golden[0.1] == pytest.approx(4.641589, rel=1e-5)
+        assert golden[-1.5] == pytest.approx(0.254381, rel=1e-5)
+        assert golden[2.0] == golden[-2.0] == 0.0
 
 
 # --------------------------------------------------- every quantizer, by name
@@ -185,7 +273,9 @@ def test_gradients_finite_everywhere(name, policy):
     for value in schedule_values.get(key, [None]):
         if value is not None:
             q.schedule_variable.assign(value)
-        y, g = grad_of(lambda t: q(t, training=True) if isinstance(q, Q.BNNpp) else q(t), values, dtype)
+        y, g = grad_of(
+            lambda t: q(t, training=True) if isinstance(q, Q.BNNpp) else q(t), values, dtype
+        )
         assert np.isfinite(y).all(), (name, value)
         assert np.isfinite(g).all(), (name, value, g)
 
@@ -201,11 +291,17 @@ def test_flip_ratio_metric_supported(name):
 
 
 # ------------------------------------------------------------------- configs
-@pytest.mark.parametrize("quantizer", [
-    Q.ReSTE(o=2.0, t=1.2, interval=0.05), Q.BNNpp(mu=7.0), Q.BinaryConnect(), Q.WrnSign(),
-    Q.BNNPlus(beta=3.0),
-    Q.MeanAbsScaled(Q.ReSTE(o=1.5)),
-])
+@pytest.mark.parametrize(
+    "quantizer",
+    [
+        Q.ReSTE(o=2.0, t=1.2, interval=0.05),
+        Q.BNNpp(mu=7.0),
+        Q.BinaryConnect(),
+        Q.WrnSign(),
+        Q.BNNPlus(beta=3.0),
+        Q.MeanAbsScaled(Q.ReSTE(o=1.5)),
+    ],
+)
 def test_config_round_trip(quantizer):
     config = lq.quantizers.serialize(quantizer)
     clone = lq.quantizers.get(config)
@@ -221,16 +317,19 @@ def test_config_carries_current_schedule_value():
     assert Q.ReSTE.from_config(q.get_config()).o == 2.5
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda: Q.ReSTE(o=0.5), "o must be >= 1"),
-    (lambda: Q.ReSTE(t=0.0), "t must be > 0"),
-    (lambda: Q.ReSTE(interval=0.0), "interval must be in (0, t)"),
-    (lambda: Q.ReSTE(t=1.0, interval=1.0), "interval must be in (0, t)"),
-    (lambda: Q.BNNpp(mu=0.0), "mu must be > 0"),
-    (lambda: Q.BNNpp(mu=-1.0), "mu must be > 0"),
-    (lambda: Q.estimator_quantizers("resté"), "choose one of"),
-    (lambda: setattr(Q.ReSTE(), "o", 0.9), "o must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: Q.ReSTE(o=0.5), "o must be >= 1"),
+        (lambda: Q.ReSTE(t=0.0), "t must be > 0"),
+        (lambda: Q.ReSTE(interval=0.0), "interval must be in (0, t)"),
+        (lambda: Q.ReSTE(t=1.0, interval=1.0), "interval must be in (0, t)"),
+        (lambda: Q.BNNpp(mu=0.0), "mu must be > 0"),
+        (lambda: Q.BNNpp(mu=-1.0), "mu must be > 0"),
+        (lambda: Q.estimator_quantizers("resté"), "choose one of"),
+        (lambda: setattr(Q.ReSTE(), "o", 0.9), "o must be >= 1"),
+    ],
+)
 def test_bad_values_raise_value_error_naming_allowed(make, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         make()
@@ -249,12 +348,25 @@ def small_net(name):
     x = tf.keras.layers.Conv2D(8, 3, padding="same", use_bias=False)(inputs)
     x = tf.keras.layers.BatchNormalization()(x)
     input_q, kernel_q = Q.estimator_quantizers(name)
-    x = lq.layers.QuantConv2D(16, 3, padding="same", pad_values=1.0, use_bias=False,
-                              input_quantizer=input_q, kernel_quantizer=Q.MeanAbsScaled(kernel_q))(x)
+    x = lq.layers.QuantConv2D(
+        16,
+        3,
+        padding="same",
+        pad_values=1.0,
+        use_bias=False,
+        input_quantizer=input_q,
+        kernel_quantizer=Q.MeanAbsScaled(kernel_q),
+    )(x)
     x = tf.keras.layers.BatchNormalization()(tf.keras.layers.ReLU()(x))
-    x = lq.layers.QuantConv2D(16, 3, padding="same", pad_values=1.0, use_bias=False,
-                              input_quantizer=Q.estimator_quantizers(name)[0],
-                              kernel_quantizer=Q.estimator_quantizers(name)[1])(x)
+    x = lq.layers.QuantConv2D(
+        16,
+        3,
+        padding="same",
+        pad_values=1.0,
+        use_bias=False,
+        input_quantizer=Q.estimator_quantizers(name)[0],
+        kernel_quantizer=Q.estimator_quantizers(name)[1],
+    )(x)
     x = tf.keras.layers.GlobalAveragePooling2D()(tf.keras.layers.BatchNormalization()(x))
     return tf.keras.Model(inputs, tf.keras.layers.Dense(4)(x))
 
@@ -270,7 +382,9 @@ def test_model_save_load_identical_and_trains_with_schedule(name, fmt, tmp_path)
     path = str(tmp_path / ("m.h5" if fmt == "h5" else "m"))
     model.save(path, save_format=fmt)
     loaded = tf.keras.models.load_model(path)
-    np.testing.assert_array_equal(loaded(x, training=False).numpy(), model(x, training=False).numpy())
+    np.testing.assert_array_equal(
+        loaded(x, training=False).numpy(), model(x, training=False).numpy()
+    )
     before = [q.schedule_variable.numpy() for q in Q.scheduled_quantizers(model)]
     after = [q.schedule_variable.numpy() for q in Q.scheduled_quantizers(loaded)]
     assert len(after) == (4 if name in ("reste", "bnnpp_all") else 2) and after == before

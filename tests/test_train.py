@@ -14,11 +14,10 @@ import tensorflow_datasets as tfds
 
 from reste_larq import callbacks as cb
 from tests.test_data import write_cifar10
-from train import cifar
+from train import cifar, common
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-QUICK = ["--epochs", "1", "-b", "16", "--batch-size-test", "16", "--verbose", "0",
-         "--no-download"]
+QUICK = ["--epochs", "1", "-b", "16", "--batch-size-test", "16", "--verbose", "0", "--no-download"]
 
 
 @pytest.fixture(scope="module")
@@ -43,13 +42,31 @@ def history(run):
 
 
 def check_outputs(run, quantizer="reste"):
-    for name in ("checkpoint", "history.csv", "logs", "metrics.json", "model.tflite",
-                 "args.json", "final.weights.h5", "best.weights.h5"):
+    for name in (
+        "checkpoint",
+        "history.csv",
+        "logs",
+        "metrics.json",
+        "model.tflite",
+        "args.json",
+        "final.weights.h5",
+        "best.weights.h5",
+    ):
         assert os.path.exists(os.path.join(run, name)), name
-    assert any(f.startswith("events") for _, _, fs in os.walk(os.path.join(run, "logs")) for f in fs)
+    assert any(
+        f.startswith("events") for _, _, fs in os.walk(os.path.join(run, "logs")) for f in fs
+    )
     m = read_metrics(run)
-    for key in ("test_top1", "test_top5", "epochs", "quantizer", "model", "args",
-                "tflite_test_top1", "tflite_bytes"):
+    for key in (
+        "test_top1",
+        "test_top5",
+        "epochs",
+        "quantizer",
+        "model",
+        "args",
+        "tflite_test_top1",
+        "tflite_bytes",
+    ):
         assert key in m, key
     assert m["quantizer"] == quantizer and m["model"] == "resnet20_1w1a"
     assert abs(m["tflite_test_top1"] - m["test_top1"]) <= 1.0
@@ -59,8 +76,23 @@ def check_outputs(run, quantizer="reste"):
 
 
 def test_end_to_end_on_official_cifar_folder(cifar_dir, tmp_path):
-    assert run_cli("--data-dir", cifar_dir, "--results-dir", tmp_path, "--name", "run",
-                   "--indicators", "--warmup", "1", *QUICK, "--epochs", "2") == 0
+    assert (
+        run_cli(
+            "--data-dir",
+            cifar_dir,
+            "--results-dir",
+            tmp_path,
+            "--name",
+            "run",
+            "--indicators",
+            "--warmup",
+            "1",
+            *QUICK,
+            "--epochs",
+            "2",
+        )
+        == 0
+    )
     run = str(tmp_path / "run")
     m = check_outputs(run)
     rows = history(run)
@@ -69,13 +101,37 @@ def test_end_to_end_on_official_cifar_folder(cifar_dir, tmp_path):
     assert m["args"]["warmup"] == 1 and m["epochs"] == 2
 
     # --evaluate reproduces the saved metrics from the checkpoint
-    assert run_cli("--evaluate", run, "--data-dir", cifar_dir, "--results-dir", tmp_path,
-                   "--verbose", "0", "--no-download") == 0
+    assert (
+        run_cli(
+            "--evaluate",
+            run,
+            "--data-dir",
+            cifar_dir,
+            "--results-dir",
+            tmp_path,
+            "--verbose",
+            "0",
+            "--no-download",
+        )
+        == 0
+    )
 
 
 def test_evaluate_reproduces_metrics(cifar_dir, tmp_path, capsys):
-    assert run_cli("--data-dir", cifar_dir, "--results-dir", tmp_path, "--name", "run",
-                   "--quantizer", "bnnpp", *QUICK) == 0
+    assert (
+        run_cli(
+            "--data-dir",
+            cifar_dir,
+            "--results-dir",
+            tmp_path,
+            "--name",
+            "run",
+            "--quantizer",
+            "bnnpp",
+            *QUICK,
+        )
+        == 0
+    )
     saved = check_outputs(str(tmp_path / "run"), quantizer="bnnpp")
     capsys.readouterr()
     assert run_cli("--evaluate", tmp_path / "run", "--data-dir", cifar_dir, "--no-download") == 0
@@ -86,8 +142,10 @@ def test_evaluate_reproduces_metrics(cifar_dir, tmp_path, capsys):
 
 def test_end_to_end_with_tfds_mock_data(tmp_path):
     with tfds.testing.mock_data(num_examples=48):
-        assert run_cli("--dataset", "cifar10", "--results-dir", tmp_path, "--name", "mock",
-                       *QUICK) == 0
+        assert (
+            run_cli("--dataset", "cifar10", "--results-dir", tmp_path, "--name", "mock", *QUICK)
+            == 0
+        )
     check_outputs(str(tmp_path / "mock"))
 
 
@@ -95,9 +153,21 @@ class Killed(Exception):
     pass
 
 
-def test_resume_after_crash_ends_where_uninterrupted_run_ends(cifar_dir, tmp_path, monkeypatch, capsys):
-    common = ["--data-dir", cifar_dir, "--results-dir", tmp_path, *QUICK, "--epochs", "3",
-              "--no-export", "--quantizer", "reste"]
+def test_resume_after_crash_ends_where_uninterrupted_run_ends(
+    cifar_dir, tmp_path, monkeypatch, capsys
+):
+    common = [
+        "--data-dir",
+        cifar_dir,
+        "--results-dir",
+        tmp_path,
+        *QUICK,
+        "--epochs",
+        "3",
+        "--no-export",
+        "--quantizer",
+        "reste",
+    ]
     assert run_cli(*common, "--name", "straight") == 0
 
     original = cb.LearningRateSchedule.on_epoch_begin
@@ -135,8 +205,20 @@ def test_resume_after_crash_ends_where_uninterrupted_run_ends(cifar_dir, tmp_pat
 def test_init_from_a32_run(cifar_dir, tmp_path):
     common = ["--data-dir", cifar_dir, "--results-dir", tmp_path, *QUICK, "--no-export"]
     assert run_cli(*common, "--a32", "--name", "stage1") == 0
-    assert run_cli(*common, "--name", "stage2", "--init-from", tmp_path / "stage1",
-                   "--lr", "1e-12", "--weight-decay", "0") == 0
+    assert (
+        run_cli(
+            *common,
+            "--name",
+            "stage2",
+            "--init-from",
+            tmp_path / "stage1",
+            "--lr",
+            "1e-12",
+            "--weight-decay",
+            "0",
+        )
+        == 0
+    )
     from reste_larq import models
 
     def kernels(run, a32):
@@ -148,16 +230,19 @@ def test_init_from_a32_run(cifar_dir, tmp_path):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--model", "resnet21"], "invalid choice: 'resnet21'"),
-    (["--quantizer", "sgn"], "unknown quantizer 'sgn'; choose one of"),
-    (["--dataset", "svhn"], "invalid choice: 'svhn'"),
-    (["--epochs", "-1"], "must be a positive integer"),
-    (["--data-dir", "/nonexistent/cifar"], "cifar-10-python.tar.gz"),
-    (["--resume", "--name", "never-ran"], "no checkpoint"),
-    (["--evaluate", "/nonexistent/run"], "not a run folder"),
-    (["--o-end", "0.5"], "--o-end must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--model", "resnet21"], "invalid choice: 'resnet21'"),
+        (["--quantizer", "sgn"], "unknown quantizer 'sgn'; choose one of"),
+        (["--dataset", "svhn"], "invalid choice: 'svhn'"),
+        (["--epochs", "-1"], "must be a positive integer"),
+        (["--data-dir", "/nonexistent/cifar"], "cifar-10-python.tar.gz"),
+        (["--resume", "--name", "never-ran"], "no checkpoint"),
+        (["--evaluate", "/nonexistent/run"], "not a run folder"),
+        (["--o-end", "0.5"], "--o-end must be >= 1"),
+    ],
+)
 def test_bad_input_exits_with_one_line(argv, message, tmp_path, capsys):
     try:
         code = run_cli("--results-dir", tmp_path, "--no-download", *argv)
@@ -171,23 +256,70 @@ def test_bad_input_exits_with_one_line(argv, message, tmp_path, capsys):
 
 def test_cli_subprocess_error_has_no_traceback(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "train.cifar", "--data-dir", str(tmp_path / "missing"),
-         "--results-dir", str(tmp_path), "--no-download"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "train.cifar",
+            "--data-dir",
+            str(tmp_path / "missing"),
+            "--results-dir",
+            str(tmp_path),
+            "--no-download",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: data directory")
 
 
 def test_mirrored_strategy_on_two_logical_cpus(cifar_dir, tmp_path):
+    """Two replicas train, and what the run reports is the model it saved: the test
+    top-1/top-5 in metrics.json are those of final.weights.h5 evaluated here."""
+    from reste_larq import data, models
+
     result = subprocess.run(
-        [sys.executable, "-m", "train.cifar", "--data-dir", cifar_dir, "--results-dir",
-         str(tmp_path), "--name", "dist", "--strategy", "mirrored", "--logical-cpus", "2",
-         *QUICK, "--no-export"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "train.cifar",
+            "--data-dir",
+            cifar_dir,
+            "--results-dir",
+            str(tmp_path),
+            "--name",
+            "dist",
+            "--strategy",
+            "mirrored",
+            "--logical-cpus",
+            "2",
+            *QUICK,
+            "--epochs",
+            "2",
+            "--no-export",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
-    m = read_metrics(str(tmp_path / "dist"))
-    assert m["args"]["strategy"] == "mirrored" and 0 <= m["test_top1"] <= 100
+    run = str(tmp_path / "dist")
+    m = read_metrics(run)
+    assert m["args"]["strategy"] == "mirrored"
+    assert [np.isfinite(float(r["loss"])) for r in history(run)] == [True, True]
+
+    tf.keras.utils.set_random_seed(m["args"]["seed"])
+    model = models.build("resnet20_1w1a")  # the run's initial weights (same seed)
+    initial = model.get_weights()
+    model.load_weights(os.path.join(run, "final.weights.h5"))
+    assert any(not np.array_equal(a, b) for a, b in zip(initial, model.get_weights()))
+    x, y = data.load_arrays("cifar10", "test", cifar_dir)
+    logits = model.predict(data.normalize(x, data.info("cifar10")), verbose=0)
+    assert m["test_top1"] == pytest.approx(100 * np.mean(np.argmax(logits, 1) == y), abs=1e-3)
 
 
 def test_sync_bn_is_used_for_distributed_models():
@@ -198,13 +330,222 @@ def test_sync_bn_is_used_for_distributed_models():
     assert not any(l.synchronized for l in bns(models.build("resnet20_1w1a")))
 
 
-def test_weight_decay_is_coupled_l2_on_every_weight():
-    from train.common import add_weight_decay
-    from reste_larq import models
+def test_cli_optimizer_is_pytorch_sgd_with_coupled_weight_decay():
+    """Two steps of the CLI's compiled model, the learning rate changing between them,
+    against PyTorch's SGD written out here with numpy:
+        b = momentum * b + (dL/dw + wd * w);  w = w - lr * b
+    on every trainable weight, BatchNorm's included. Keras' SGD (v = m v - lr g) and an
+    L2 term missing from some weights both fail this."""
+    args = common.resolve_args(
+        cifar.build_parser().parse_args(
+            ["--weight-decay", "0.01", "--momentum", "0.9", "--lr", "0.1"]
+        )
+    )
+    model = common.build_model(args, 10, (8, 8, 3))
+    common.compile_model(model, args)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((6, 8, 8, 3)).astype(np.float32)
+    y = np.arange(6) % 10
+    weights = model.trainable_weights
+    assert any("gamma" in w.name for w in weights) and any("beta" in w.name for w in weights)
 
-    model = models.build("resnet20_1w1a", input_shape=(8, 8, 3))
-    add_weight_decay(model, 1e-4)
-    expected = 0.5 * 1e-4 * sum(float(np.sum(np.square(w.numpy()))) for w in model.trainable_weights)
-    assert float(model.losses[0]) == pytest.approx(expected, rel=1e-5)
-    # BN parameters are included, as PyTorch SGD's weight_decay includes them
-    assert any("gamma" in w.name for w in model.trainable_weights)
+    def plain_gradient():  # dL/dw at the current weights, no decay term
+        with tf.GradientTape() as tape:
+            loss = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)(
+                y, model(x, training=True)
+            )
+        return [g.numpy().astype(np.float64) for g in tape.gradient(loss, weights)]
+
+    buffers = [np.zeros(w.shape) for w in weights]
+    for lr in (0.1, 0.03):
+        model.optimizer.learning_rate.assign(lr)
+        before = [w.numpy().astype(np.float64) for w in weights]
+        grads = plain_gradient()
+        model.train_on_batch(x, y)
+        for i, (w, g) in enumerate(zip(before, grads)):
+            buffers[i] = 0.9 * buffers[i] + g + 0.01 * w
+            np.testing.assert_allclose(
+                weights[i].numpy(),
+                w - lr * buffers[i],
+                rtol=1e-4,
+                atol=1e-6,
+                err_msg=weights[i].name,
+            )
+    for buffer, slot in zip(buffers, model.optimizer.momentums):  # float32 sums of |g| ~ 5
+        np.testing.assert_allclose(slot.numpy(), buffer, rtol=1e-4, atol=2e-5)
+
+
+def spy_on_compiled_model(monkeypatch):
+    seen = {}
+    original = common.compile_model
+
+    def spy(model, args):
+        original(model, args)
+        seen["model"] = model
+
+    monkeypatch.setattr(common, "compile_model", spy)
+    return seen
+
+
+def test_cli_label_smoothing_adam_and_zero_padding(cifar_dir, tmp_path, monkeypatch):
+    import larq as lq
+
+    seen = spy_on_compiled_model(monkeypatch)
+    assert (
+        run_cli(
+            "--data-dir",
+            cifar_dir,
+            "--results-dir",
+            tmp_path,
+            "--name",
+            "run",
+            "--label-smoothing",
+            "0.2",
+            "--optimizer",
+            "adam",
+            "--padding",
+            "zero",
+            *QUICK,
+        )
+        == 0
+    )
+    model = seen["model"]
+    assert isinstance(model.optimizer, tf.keras.optimizers.Adam)
+    assert model.optimizer.learning_rate.numpy() == pytest.approx(1e-3)  # Adam's default lr
+    binary = [
+        l
+        for l in model.layers
+        if isinstance(l, lq.layers.QuantConv2D) and l.input_quantizer is not None
+    ]
+    assert len(binary) == 18 and all(l.pad_values == 0.0 for l in binary)
+    # the compiled loss is cross-entropy against (1 - 0.2) one_hot + 0.2 / K
+    logits = np.random.default_rng(0).standard_normal((4, 10)).astype(np.float32)
+    labels = np.array([0, 3, 9, 3])
+    target = np.full((4, 10), 0.2 / 10)
+    target[np.arange(4), labels] += 0.8
+    log_softmax = logits - np.log(np.sum(np.exp(logits), axis=1, keepdims=True))
+    expected = np.mean(-np.sum(target * log_softmax, axis=1))
+    assert float(model.loss(labels, logits)) == pytest.approx(expected, rel=1e-5)
+    m = check_outputs(str(tmp_path / "run"))  # zero padding still converts: 18 LceBconv2d
+    assert m["args"]["optimizer"] == "adam" and m["args"]["padding"] == "zero"
+
+
+def test_evaluate_reports_the_runs_own_mu(cifar_dir, tmp_path, capsys):
+    assert (
+        run_cli(
+            "--data-dir",
+            cifar_dir,
+            "--results-dir",
+            tmp_path,
+            "--name",
+            "run",
+            "--quantizer",
+            "bnnpp",
+            "--mu-start",
+            "3",
+            "--mu-end",
+            "7",
+            *QUICK,
+            "--epochs",
+            "2",
+            "--no-export",
+        )
+        == 0
+    )
+    # mu at the last epoch (1 of 2): 3 + 4 (1 - cos(pi/4))
+    expected = 3 + 4 * (1 - np.cos(np.pi / 4))
+    assert read_metrics(str(tmp_path / "run"))["mu_final"] == pytest.approx(expected)
+    capsys.readouterr()
+    assert (
+        run_cli(
+            "--evaluate", tmp_path / "run", "--data-dir", cifar_dir, "--no-download", "--no-export"
+        )
+        == 0
+    )
+    assert json.loads(capsys.readouterr().out)["mu_final"] == pytest.approx(expected)
+
+
+def test_only_the_projects_errors_become_one_line(tmp_path):
+    """A ValueError from TensorFlow (or any bug) keeps its traceback; ours are one line."""
+    from reste_larq.errors import ConfigError
+
+    def tensorflow_fails(args, train=True):
+        raise ValueError("Shapes (None, 3) and (None, 10) are incompatible")
+
+    def ours_fails(args, train=True):
+        raise ConfigError("unknown thing 'x'; choose one of a, b")
+
+    argv = ["--results-dir", str(tmp_path), "--verbose", "0"]
+    with pytest.raises(ValueError, match="incompatible"):
+        common.main(cifar.build_parser(), tensorflow_fails, argv)
+    assert common.main(cifar.build_parser(), ours_fails, argv) == 2
+
+
+def test_help_is_grouped_and_named_as_run(capsys):
+    with pytest.raises(SystemExit):
+        cifar.main(["--help"])
+    text = capsys.readouterr().out
+    assert text.startswith("usage: python -m train.cifar")
+    for group in (
+        "data:",
+        "model and estimator:",
+        "optimization and schedules:",
+        "run state:",
+        "export:",
+        "distribution:",
+    ):
+        assert f"\n{group}\n" in text, group
+
+
+@pytest.mark.parametrize("kind", ["corrupt archive", "missing test_batch", "label out of range"])
+def test_damaged_data_is_a_one_line_error(tmp_path, capsys, kind):
+    from tests.test_data import bad_cifar
+
+    blamed, message = bad_cifar(kind, str(tmp_path / "data"))
+    code = run_cli("--data-dir", tmp_path / "data", "--results-dir", tmp_path / "r", *QUICK)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("error: ") and blamed in err[0] and message in err[0]
+    assert not os.path.exists(tmp_path / "r")  # nothing written
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        pytest.param(["--mixed-precision", "bfloat16"], id="bfloat16"),
+        # float16 is a GPU setting (slow on a CPU): in the slow suite
+        pytest.param(["--mixed-precision", "float16"], id="float16", marks=pytest.mark.slow),
+        pytest.param(["--jit-compile"], id="jit"),
+    ],
+)
+def test_speed_flags_train_and_convert_the_same(cifar_dir, tmp_path, monkeypatch, flags):
+    """A step under the flag is finite; the export is unchanged: all 18 binary convs are
+    LceBconv2d, and the .tflite computes what the float32 Keras model computes."""
+    from reste_larq import data, export
+
+    seen = spy_on_compiled_model(monkeypatch)
+    assert (
+        run_cli("--data-dir", cifar_dir, "--results-dir", tmp_path, "--name", "run", *QUICK, *flags)
+        == 0
+    )
+    run = str(tmp_path / "run")
+    m = read_metrics(run)
+    assert np.isfinite(float(history(run)[0]["loss"]))
+    assert m["tflite_lce_bconv2d"] == m["binary_convs"] == 18
+    model = seen["model"]
+    if "--jit-compile" in flags:
+        assert model._jit_compile
+    else:
+        policy = {"bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}[flags[1]]
+        assert model.layers[1].dtype_policy.name == policy
+        assert model.output.dtype == tf.float32
+        if flags[1] == "float16":
+            assert isinstance(model.optimizer, tf.keras.mixed_precision.LossScaleOptimizer)
+    twin = export.float32_twin(model) if export.is_mixed_precision(model) else model
+    assert not export.is_mixed_precision(twin)
+    x, _ = data.load_arrays("cifar10", "test", cifar_dir)
+    x = data.normalize(x, data.info("cifar10")).numpy()
+    with open(os.path.join(run, "model.tflite"), "rb") as f:
+        tflite = export.predict_tflite(f.read(), x)
+    keras = twin(x, training=False).numpy()
+    assert (tflite.argmax(1) == keras.argmax(1)).mean() >= 15 / 16

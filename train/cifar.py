@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import sys
 
-from train import common
 from reste_larq import data, models
+from train import common
 
 DEFAULTS = {
     "model": "resnet20_1w1a",
@@ -39,8 +39,9 @@ def load_data(args, train: bool = True) -> common.Data:
         train_x, train_y = train_x[: args.train_limit], train_y[: args.train_limit]
 
     def make_train(first_epoch):
-        return data.train_dataset(train_x, train_y, info, args.batch_size, args.seed,
-                                  first_epoch, args.epochs)
+        return data.train_dataset(
+            train_x, train_y, info, args.batch_size, args.seed, first_epoch, args.epochs
+        )
 
     batch = min(args.batch_size, len(train_x))
     indicator_batch = (data.normalize(train_x[:batch], info), train_y[:batch])
@@ -50,6 +51,7 @@ def load_data(args, train: bool = True) -> common.Data:
 def build_parser():
     return common.parser(
         "Train a binary network on a small-image dataset (ReSTE CIFAR recipe).",
+        prog="python -m train.cifar",
         models=models.available("cifar"),
         datasets=list(data.SMALL_IMAGE_DATASETS),
         defaults=DEFAULTS,

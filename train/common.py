@@ -18,11 +18,11 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from reste_larq import callbacks as cb  # noqa: E402
-from reste_larq import export, models  # noqa: E402
-from reste_larq.data import DataNotFoundError  # noqa: E402
+from reste_larq import export, models, training  # noqa: E402
+from reste_larq.errors import ConfigError, DataFormatError, DataNotFoundError  # noqa: E402
 from reste_larq.quantizers import canonical_estimator, estimators  # noqa: E402
 
-
+PRECISION_POLICIES = {"off": "float32", "float16": "mixed_float16", "bfloat16": "mixed_bfloat16"}
 ADAM_LR = 1e-3  # Adam's usual rate in the Bi-Real / BNN-tricks recipes
 
 
@@ -66,68 +66,186 @@ class _OneLineErrorParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see --help)\n")
 
 
-def parser(description, *, models, datasets, defaults):
-    """argparse with the ReSTE reference's flags; `defaults` holds the recipe's values."""
-    p = _OneLineErrorParser(description=description, formatter_class=_HelpFormatter)
-    a = p.add_argument
-    a("--model", "-m", default=defaults["model"], choices=models, help="architecture")
-    a("--quantizer", "--estimator", default=None, metavar="NAME",
-      help=f"gradient estimator: {', '.join(estimators())}, or float (default: the "
-           "model's own: reste for the ReSTE nets, bireal for Bi-Real Net, wrn_sign for WRN)")
-    a("--dataset", default=defaults["dataset"], choices=datasets, help="dataset")
-    a("--data-dir", default=None,
-      help="TFDS data_dir, or a folder with the official offline files")
-    a("--download", action=argparse.BooleanOptionalAction, default=True,
-      help="let tensorflow-datasets download when the data is not found locally")
-    a("--epochs", type=_positive_int, default=defaults["epochs"], help="training epochs")
-    a("--lr", type=_positive_float, default=None,
-      help=f"base learning rate (default: {defaults['lr']} with sgd, {ADAM_LR} with adam)")
-    a("-b", "--batch-size", type=_positive_int, default=defaults["batch_size"],
-      help="global training batch size")
-    a("--batch-size-test", "-bt", type=_positive_int, default=defaults["batch_size_test"],
-      help="evaluation batch size")
-    a("--optimizer", choices=("sgd", "adam"), default="sgd",
-      help="sgd: cosine decay (ReSTE); adam: linear decay to 0 (Bi-Real/BNN-tricks)")
-    a("--momentum", type=_non_negative_float, default=0.9, help="SGD momentum")
-    a("--weight-decay", type=_non_negative_float, default=defaults["weight_decay"],
-      help="L2 on every weight (BN included), added to the gradient as PyTorch SGD does")
-    a("--warmup", nargs="?", type=int, const=5, default=0, metavar="EPOCHS",
-      help="linear learning-rate warm-up; bare --warmup is the reference's 5 epochs")
-    a("--o-end", type=float, default=3.0, help="final o of ReSTE's schedule (from 1)")
-    a("--mu-start", type=_positive_float, default=20.0, help="BNN++ mu at epoch 0")
-    a("--mu-end", type=_positive_float, default=200.0, help="BNN++ mu at the last epoch")
-    a("--a32", action="store_true", help="1W/32A: keep activations real")
-    a("--padding", choices=("one", "zero"), default="one",
-      help="binary conv padding: one (LCE fast path) or zero (the reference)")
-    a("--label-smoothing", type=_non_negative_float, default=0.0, help="label smoothing")
-    a("--seed", type=int, default=1234, help="random seed")
-    a("--results-dir", default="./results", help="where run folders are made")
-    a("--name", default=None, help="run folder name (default: model_quantizer_dataset)")
-    a("--resume", action="store_true", help="continue the run in --results-dir/--name")
-    a("--evaluate", metavar="CHECKPOINT", default=None,
-      help="a run folder (or its checkpoint/) to evaluate without training")
-    a("--init-from", metavar="RUN_DIR", default=None,
-      help="start from another run's last checkpoint (1W32A -> 1W1A two-stage recipe)")
-    a("--indicators", action="store_true",
-      help="log ReSTE's estimating error and gradient stability per epoch")
-    a("--export", action=argparse.BooleanOptionalAction, default=True,
-      help="convert to model.tflite with LCE and evaluate it")
-    a("--train-limit", type=_positive_int, default=None,
-      help="use only the first N training images (quick checks)")
-    a("--test-limit", type=_positive_int, default=None,
-      help="use only the first N test images (quick checks)")
-    a("--strategy", choices=("default", "mirrored", "multi_worker"), default="default",
-      help="tf.distribute strategy; mirrored/multi_worker use synchronized BatchNorm")
-    a("--logical-cpus", type=_positive_int, default=None,
-      help="split the CPU into N logical devices (to exercise --strategy on one machine)")
-    a("--verbose", type=int, default=1, choices=(0, 1, 2), help="Keras progress output")
+def parser(description, *, prog, models, datasets, defaults):
+    """argparse with the ReSTE reference's flags, in groups; `defaults` holds the
+    recipe's values, `prog` how the CLI is run (python -m train.cifar)."""
+    p = _OneLineErrorParser(prog=prog, description=description, formatter_class=_HelpFormatter)
+
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default=defaults["dataset"], choices=datasets, help="dataset")
+    g.add_argument(
+        "--data-dir",
+        default=None,
+        help="TFDS data_dir, or a folder with the official offline files",
+    )
+    g.add_argument(
+        "--download",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="let tensorflow-datasets download when the data is not found locally",
+    )
+    g.add_argument(
+        "--train-limit",
+        type=_positive_int,
+        default=None,
+        help="use only the first N training images (quick checks)",
+    )
+    g.add_argument(
+        "--test-limit",
+        type=_positive_int,
+        default=None,
+        help="use only the first N test images (quick checks)",
+    )
+
+    g = p.add_argument_group("model and estimator")
+    g.add_argument("--model", "-m", default=defaults["model"], choices=models, help="architecture")
+    g.add_argument(
+        "--quantizer",
+        "--estimator",
+        default=None,
+        metavar="NAME",
+        help=f"gradient estimator: {', '.join(estimators())}, or float (default: "
+        "the model's own: reste for the ReSTE nets, bireal for Bi-Real Net, "
+        "wrn_sign for WRN)",
+    )
+    g.add_argument("--a32", action="store_true", help="1W/32A: keep activations real")
+    g.add_argument(
+        "--padding",
+        choices=("one", "zero"),
+        default="one",
+        help="binary conv padding: one (LCE fast path) or zero (the reference)",
+    )
+    g.add_argument("--o-end", type=float, default=3.0, help="final o of ReSTE's schedule (from 1)")
+    g.add_argument("--mu-start", type=_positive_float, default=20.0, help="BNN++ mu at epoch 0")
+    g.add_argument(
+        "--mu-end", type=_positive_float, default=200.0, help="BNN++ mu at the last epoch"
+    )
+
+    g = p.add_argument_group("optimization and schedules")
+    g.add_argument(
+        "--epochs", type=_positive_int, default=defaults["epochs"], help="training epochs"
+    )
+    g.add_argument(
+        "-b",
+        "--batch-size",
+        type=_positive_int,
+        default=defaults["batch_size"],
+        help="global training batch size",
+    )
+    g.add_argument(
+        "--batch-size-test",
+        "-bt",
+        type=_positive_int,
+        default=defaults["batch_size_test"],
+        help="evaluation batch size",
+    )
+    g.add_argument(
+        "--optimizer",
+        choices=training.OPTIMIZERS,
+        default="sgd",
+        help="sgd: PyTorch's SGD, cosine decay (ReSTE); adam: linear decay to 0 "
+        "(Bi-Real/BNN-tricks)",
+    )
+    g.add_argument(
+        "--lr",
+        type=_positive_float,
+        default=None,
+        help=f"base learning rate (default: {defaults['lr']} with sgd, {ADAM_LR} with adam)",
+    )
+    g.add_argument("--momentum", type=_non_negative_float, default=0.9, help="SGD momentum")
+    g.add_argument(
+        "--weight-decay",
+        type=_non_negative_float,
+        default=defaults["weight_decay"],
+        help="L2 on every weight (BN included), added to the gradient before "
+        "momentum as PyTorch's SGD does",
+    )
+    g.add_argument(
+        "--warmup",
+        nargs="?",
+        type=int,
+        const=5,
+        default=0,
+        metavar="EPOCHS",
+        help="linear learning-rate warm-up; bare --warmup is the reference's 5 epochs",
+    )
+    g.add_argument(
+        "--label-smoothing", type=_non_negative_float, default=0.0, help="label smoothing"
+    )
+    g.add_argument("--seed", type=int, default=1234, help="random seed")
+
+    g = p.add_argument_group("speed")
+    g.add_argument(
+        "--mixed-precision",
+        choices=tuple(PRECISION_POLICIES),
+        default="off",
+        help="Keras mixed precision: compute in float16 (loss-scaled) or bfloat16, "
+        "variables and logits float32; export converts a float32 twin",
+    )
+    g.add_argument(
+        "--jit-compile",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="compile the training step with XLA (model.compile(jit_compile=True))",
+    )
+
+    g = p.add_argument_group("run state")
+    g.add_argument("--results-dir", default="./results", help="where run folders are made")
+    g.add_argument(
+        "--name", default=None, help="run folder name (default: model_quantizer_dataset)"
+    )
+    g.add_argument("--resume", action="store_true", help="continue the run in --results-dir/--name")
+    g.add_argument(
+        "--evaluate",
+        metavar="RUN_DIR",
+        default=None,
+        help="a run folder (or its checkpoint/) to evaluate without training",
+    )
+    g.add_argument(
+        "--init-from",
+        metavar="RUN_DIR",
+        default=None,
+        help="start from another run's last checkpoint (1W32A -> 1W1A two-stage recipe)",
+    )
+    g.add_argument(
+        "--indicators",
+        action="store_true",
+        help="log ReSTE's estimating error and gradient stability per epoch",
+    )
+    g.add_argument(
+        "--verbose", type=int, default=1, choices=(0, 1, 2), help="Keras progress output"
+    )
+
+    g = p.add_argument_group("export")
+    g.add_argument(
+        "--export",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="convert to model.tflite with LCE and evaluate it",
+    )
+
+    g = p.add_argument_group("distribution")
+    g.add_argument(
+        "--strategy",
+        choices=("default", "mirrored", "multi_worker"),
+        default="default",
+        help="tf.distribute strategy; mirrored/multi_worker use synchronized BatchNorm",
+    )
+    g.add_argument(
+        "--logical-cpus",
+        type=_positive_int,
+        default=None,
+        help="split the CPU into N logical devices (to exercise --strategy on one machine)",
+    )
     p.set_defaults(sgd_lr=defaults["lr"])
     return p
 
 
 # ---------------------------------------------------------------------- run state
 def run_dir(args) -> str:
-    name = args.name or f"{args.model}_{args.quantizer}_{args.dataset}" + ("_a32" if args.a32 else "")
+    name = args.name or f"{args.model}_{args.quantizer}_{args.dataset}" + (
+        "_a32" if args.a32 else ""
+    )
     return os.path.join(args.results_dir, name)
 
 
@@ -145,15 +263,40 @@ def _write_json(path, data):
 
 
 # Flags that define a run: a resumed run must be given the same ones.
-RUN_DEFINING_FLAGS = ("model", "quantizer", "dataset", "epochs", "lr", "batch_size",
-                      "optimizer", "momentum", "weight_decay", "warmup", "o_end",
-                      "mu_start", "mu_end", "a32", "padding", "label_smoothing", "seed",
-                      "train_limit")
+RUN_DEFINING_FLAGS = (
+    "model",
+    "quantizer",
+    "dataset",
+    "epochs",
+    "lr",
+    "batch_size",
+    "optimizer",
+    "momentum",
+    "weight_decay",
+    "warmup",
+    "o_end",
+    "mu_start",
+    "mu_end",
+    "a32",
+    "padding",
+    "label_smoothing",
+    "seed",
+    "train_limit",
+    "mixed_precision",
+)
+
+
+# Run-defining flags added later, with the value runs made before them had.
+_FLAG_ADDED_LATER = {"mixed_precision": "off"}
 
 
 def _check_resume_args(args, saved):
-    changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (run has {saved.get(k)})"
-               for k in RUN_DEFINING_FLAGS if saved.get(k) != getattr(args, k)]
+    saved = {**_FLAG_ADDED_LATER, **saved}
+    changed = [
+        f"--{k.replace('_', '-')} {getattr(args, k)} (run has {saved.get(k)})"
+        for k in RUN_DEFINING_FLAGS
+        if saved.get(k) != getattr(args, k)
+    ]
     if changed:
         raise UsageError("--resume with different settings: " + ", ".join(changed))
 
@@ -163,10 +306,12 @@ def make_strategy(args):
     if args.logical_cpus:
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(
-            cpu, [tf.config.LogicalDeviceConfiguration()] * args.logical_cpus)
+            cpu, [tf.config.LogicalDeviceConfiguration()] * args.logical_cpus
+        )
     if args.strategy == "mirrored":
-        devices = [d.name for d in tf.config.list_logical_devices("GPU")] or \
-                  [d.name for d in tf.config.list_logical_devices("CPU")]
+        devices = [d.name for d in tf.config.list_logical_devices("GPU")] or [
+            d.name for d in tf.config.list_logical_devices("CPU")
+        ]
         return tf.distribute.MirroredStrategy(devices)
     if args.strategy == "multi_worker":
         return tf.distribute.MultiWorkerMirroredStrategy()
@@ -175,8 +320,12 @@ def make_strategy(args):
 
 def build_model(args, num_classes, input_shape):
     return models.build(
-        args.model, quantizer=args.quantizer, input_shape=input_shape,
-        num_classes=num_classes, a32=True if args.a32 else None, padding=args.padding,
+        args.model,
+        quantizer=args.quantizer,
+        input_shape=input_shape,
+        num_classes=num_classes,
+        a32=True if args.a32 else None,
+        padding=args.padding,
         sync_bn=args.strategy != "default",
     )
 
@@ -188,50 +337,29 @@ def init_weights(model, twin, checkpoint_path):
     not by weight list: a 1W32A run has no activation quantizers, so its list differs.
     Not into `model` itself: a compiled Keras model tracks its optimizer, and restoring
     it would also restore the other run's SGD velocity (which carries its lr)."""
-    tf.train.Checkpoint(model=twin).restore(checkpoint_path).expect_partial() \
-        .assert_nontrivial_match()
+    tf.train.Checkpoint(model=twin).restore(
+        checkpoint_path
+    ).expect_partial().assert_nontrivial_match()
     model.set_weights(twin.get_weights())
 
 
-def add_weight_decay(model, weight_decay):
-    """PyTorch SGD's coupled weight decay: wd/2 ||w||^2 over every trainable weight
-    (BN and biases too) joins the loss, so wd * w is added to the gradient before
-    momentum. Keras' own `weight_decay` is decoupled and would differ."""
-    if weight_decay <= 0:
-        return
-    weights = list(model.trainable_weights)
-
-    def l2():
-        return 0.5 * weight_decay * tf.add_n([tf.reduce_sum(tf.square(tf.convert_to_tensor(w))) for w in weights])
-
-    model.add_loss(l2)
-
-
-def make_optimizer(args):
-    if args.optimizer == "adam":
-        return tf.keras.optimizers.Adam(learning_rate=args.lr)
-    return tf.keras.optimizers.SGD(learning_rate=args.lr, momentum=args.momentum)
-
-
-def sparse_cross_entropy(num_classes, label_smoothing=0.0):
-    """Cross-entropy on integer labels and logits, with optional label smoothing."""
-    if not label_smoothing:
-        return tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    smoothed = tf.keras.losses.CategoricalCrossentropy(
-        from_logits=True, label_smoothing=label_smoothing)
-
-    def loss(labels, logits):
-        labels = tf.one_hot(tf.cast(tf.reshape(labels, [-1]), tf.int32), num_classes)
-        return smoothed(labels, logits)
-
-    return loss
+def estimator_schedule(args) -> cb.EstimatorSchedule:
+    """The run's o / mu schedule: training, --resume and --evaluate all use this one."""
+    return cb.EstimatorSchedule(
+        args.epochs, o_end=args.o_end, mu_start=args.mu_start, mu_end=args.mu_end
+    )
 
 
 def compile_model(model, args):
+    """PyTorch's SGD (or Adam) with the reference's coupled weight decay on every
+    weight, cross-entropy with optional label smoothing (`reste_larq.training`)."""
     model.compile(
-        optimizer=make_optimizer(args),
-        loss=sparse_cross_entropy(model.output_shape[-1], args.label_smoothing),
+        optimizer=training.make_optimizer(
+            args.optimizer, args.lr, momentum=args.momentum, coupled_weight_decay=args.weight_decay
+        ),
+        loss=training.sparse_cross_entropy(model.output_shape[-1], args.label_smoothing),
         metrics=["accuracy", tf.keras.metrics.SparseTopKCategoricalAccuracy(5, name="top5")],
+        jit_compile=args.jit_compile,
     )
 
 
@@ -299,24 +427,32 @@ def run(args, load_data) -> dict:
     metrics_path = os.path.join(directory, "metrics.json")
     if args.resume:
         if not os.path.isdir(ckpt_dir) or tf.train.latest_checkpoint(ckpt_dir) is None:
-            raise UsageError(f"--resume: no checkpoint in {ckpt_dir}; start the run without --resume")
+            raise UsageError(
+                f"--resume: no checkpoint in {ckpt_dir}; start the run without --resume"
+            )
         _check_resume_args(args, _load_json(os.path.join(directory, "args.json")))
     elif os.path.exists(directory) and os.listdir(directory):
         raise UsageError(
-            f"{directory} already holds a run; pass --resume to continue it, or --name/--results-dir for a new one")
+            f"{directory} already holds a run; pass --resume to continue it, or "
+            "--name/--results-dir for a new one"
+        )
     init_checkpoint = None
     if args.init_from:
         init_checkpoint = tf.train.latest_checkpoint(os.path.join(args.init_from, "checkpoint"))
         if init_checkpoint is None:
-            raise UsageError(f"--init-from: {args.init_from} is not a run folder with a checkpoint/")
+            raise UsageError(
+                f"--init-from: {args.init_from} is not a run folder with a checkpoint/"
+            )
 
     tf.keras.utils.set_random_seed(args.seed)
+    # Before any model is built: Keras layers take the global policy when made (float16
+    # compiles with dynamic loss scaling: Keras wraps the optimizer).
+    tf.keras.mixed_precision.set_global_policy(PRECISION_POLICIES[args.mixed_precision])
     strategy = make_strategy(args)
     data = load_data(args)
     os.makedirs(directory, exist_ok=True)
     with strategy.scope():
         model = build_model(args, data.num_classes, data.input_shape)
-        add_weight_decay(model, args.weight_decay)
         compile_model(model, args)
         epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False)
         checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer, epoch=epoch_var)
@@ -333,38 +469,50 @@ def run(args, load_data) -> dict:
         print(f"resuming {directory} at epoch {first_epoch + 1}/{args.epochs}", flush=True)
     else:
         if init_checkpoint:
-            init_weights(model, build_model(args, data.num_classes, data.input_shape),
-                         init_checkpoint)
+            init_weights(
+                model, build_model(args, data.num_classes, data.input_shape), init_checkpoint
+            )
             print(f"initialized from {init_checkpoint}", flush=True)
         _write_json(os.path.join(directory, "args.json"), _json_args(args))
 
-    schedule = cb.EstimatorSchedule(args.epochs, o_end=args.o_end,
-                                    mu_start=args.mu_start, mu_end=args.mu_end)
+    schedule = estimator_schedule(args)
     callbacks = [
         schedule,
-        cb.LearningRateSchedule(args.lr, args.epochs, args.warmup,
-                                "linear" if args.optimizer == "adam" else "cosine"),
+        cb.LearningRateSchedule(
+            args.lr, args.epochs, args.warmup, "linear" if args.optimizer == "adam" else "cosine"
+        ),
     ]
     if args.indicators:
         callbacks.append(cb.Indicators(data.indicator_batch, o=args.o_end))
     callbacks += [
         EpochState(ckpt_dir, checkpoint, epoch_var, best),
         tf.keras.callbacks.CSVLogger(os.path.join(directory, "history.csv"), append=args.resume),
-        tf.keras.callbacks.TensorBoard(os.path.join(directory, "logs"), write_graph=False,
-                                       profile_batch=0),
+        tf.keras.callbacks.TensorBoard(
+            os.path.join(directory, "logs"), write_graph=False, profile_batch=0
+        ),
         tf.keras.callbacks.ModelCheckpoint(
-            os.path.join(directory, "best.weights.h5"), monitor="val_accuracy", mode="max",
-            save_best_only=True, save_weights_only=True,
-            initial_value_threshold=best["best_test_top1"] / 100.0 if args.resume else None),
+            os.path.join(directory, "best.weights.h5"),
+            monitor="val_accuracy",
+            mode="max",
+            save_best_only=True,
+            save_weights_only=True,
+            initial_value_threshold=best["best_test_top1"] / 100.0 if args.resume else None,
+        ),
         tf.keras.callbacks.TerminateOnNaN(),
     ]
 
     started = time.time()
     if first_epoch < args.epochs:
         train_ds, steps = data.make_train(first_epoch)
-        model.fit(train_ds, epochs=args.epochs, initial_epoch=first_epoch,
-                  steps_per_epoch=steps, validation_data=data.eval_ds,
-                  callbacks=callbacks, verbose=args.verbose)
+        model.fit(
+            train_ds,
+            epochs=args.epochs,
+            initial_epoch=first_epoch,
+            steps_per_epoch=steps,
+            validation_data=data.eval_ds,
+            callbacks=callbacks,
+            verbose=args.verbose,
+        )
     if model.stop_training:  # only TerminateOnNaN stops a run early
         raise UsageError(f"training diverged (NaN loss); see {directory}/history.csv")
     model.save_weights(os.path.join(directory, "final.weights.h5"))
@@ -419,7 +567,9 @@ def evaluate_run(args, load_data) -> dict:
     ckpt_dir = os.path.join(directory, "checkpoint")
     args_path = os.path.join(directory, "args.json")
     if not os.path.isfile(args_path) or tf.train.latest_checkpoint(ckpt_dir) is None:
-        raise UsageError(f"--evaluate: {args.evaluate} is not a run folder with args.json and checkpoint/")
+        raise UsageError(
+            f"--evaluate: {args.evaluate} is not a run folder with args.json and checkpoint/"
+        )
     saved = argparse.Namespace(**{**vars(args), **_load_json(args_path)})
     saved.evaluate, saved.strategy, saved.logical_cpus = args.evaluate, "default", None
     for override in ("data_dir", "download", "test_limit", "batch_size_test", "export"):
@@ -428,8 +578,9 @@ def evaluate_run(args, load_data) -> dict:
     model = build_model(saved, data.num_classes, data.input_shape)
     epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False)
     tf.train.Checkpoint(model=model, epoch=epoch_var).restore(
-        tf.train.latest_checkpoint(ckpt_dir)).expect_partial()
-    metrics = _final_metrics(saved, model, data, cb.EstimatorSchedule(saved.epochs, saved.o_end))
+        tf.train.latest_checkpoint(ckpt_dir)
+    ).expect_partial()
+    metrics = _final_metrics(saved, model, data, estimator_schedule(saved))
     metrics["evaluated_epoch"] = int(epoch_var.numpy())
     if args.export:
         metrics.update(_export(model, data))
@@ -442,7 +593,9 @@ def main(arg_parser: argparse.ArgumentParser, load_data, argv=None) -> int:
     args = arg_parser.parse_args(argv)
     try:
         run(args, load_data)
-    except (UsageError, DataNotFoundError, ValueError) as error:
+    # Only the project's own errors become one line; anything else (TensorFlow's
+    # ValueErrors included) is a bug to report and keeps its traceback.
+    except (UsageError, ConfigError, DataNotFoundError, DataFormatError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

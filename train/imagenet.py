@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import sys
 
-from train import common
 from reste_larq import data, models
+from train import common
 
 DEFAULTS = {
     "model": "resnet18_1w1a_imagenet",
@@ -28,24 +28,37 @@ DEFAULTS = {
 
 def load_data(args, train: bool = True) -> common.Data:
     info = data.info(args.dataset)
-    eval_ds = data.imagenet_dataset("validation", args.data_dir, args.batch_size_test,
-                                    training=False, download=args.download)
+    eval_ds = data.imagenet_dataset(
+        "validation", args.data_dir, args.batch_size_test, training=False, download=args.download
+    )
     if args.test_limit:
         eval_ds = eval_ds.unbatch().take(args.test_limit).batch(args.batch_size_test)
     if not train:
         return common.Data(info.num_classes, info.image_shape, eval_ds)
-    train_ds = data.imagenet_dataset("train", args.data_dir, args.batch_size, training=True,
-                                     seed=args.seed, download=args.download)
+    train_ds = data.imagenet_dataset(
+        "train",
+        args.data_dir,
+        args.batch_size,
+        training=True,
+        seed=args.seed,
+        download=args.download,
+    )
     if args.train_limit:
         train_ds = train_ds.unbatch().take(args.train_limit).batch(args.batch_size)
     indicator_batch = next(iter(train_ds))
-    return common.Data(info.num_classes, info.image_shape, eval_ds,
-                       lambda first_epoch: (train_ds, None), indicator_batch)
+    return common.Data(
+        info.num_classes,
+        info.image_shape,
+        eval_ds,
+        lambda first_epoch: (train_ds, None),
+        indicator_batch,
+    )
 
 
 def build_parser():
     return common.parser(
         "Train a binary network on ImageNet (ReSTE ImageNet recipe).",
+        prog="python -m train.imagenet",
         models=models.available("imagenet"),
         datasets=["imagenet2012"],
         defaults=DEFAULTS,

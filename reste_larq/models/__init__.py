@@ -19,6 +19,7 @@ from typing import Callable
 
 import tensorflow as tf
 
+from reste_larq.errors import ConfigError
 from reste_larq.models import cifar, imagenet
 from reste_larq.models.blocks import PADDINGS, BinarySpec, synchronized_batch_norm
 
@@ -45,13 +46,19 @@ class ModelInfo:
 _MODELS = {
     "resnet20_1w1a": ModelInfo(cifar.resnet20_1w1a, "cifar"),
     "resnet20_bireal_1w1a": ModelInfo(cifar.resnet20_bireal_1w1a, "cifar"),
-    "resnet18_1w1a": ModelInfo(cifar.resnet18_1w1a, "cifar"),
+    # The reference initializes nothing in this net: PyTorch's default init everywhere,
+    # binary convs included.
+    "resnet18_1w1a": ModelInfo(cifar.resnet18_1w1a, "cifar", kernel_initializer="torch_default"),
     "vgg_small_1w1a": ModelInfo(
         cifar.vgg_small_1w1a, "cifar", kernel_initializer="he_normal_fan_out"
     ),
     # 1-bit weights, real activations by definition; its binarizer scales itself.
     "wrn20_10_1bit": ModelInfo(
-        cifar.wrn20_10_1bit, "cifar", quantizer="wrn_sign", a32=True, weight_scale=False,
+        cifar.wrn20_10_1bit,
+        "cifar",
+        quantizer="wrn_sign",
+        a32=True,
+        weight_scale=False,
         kernel_initializer="he_normal_fan_out",
     ),
     "resnet18_1w1a_imagenet": ModelInfo(imagenet.resnet18_1w1a_imagenet, "imagenet"),
@@ -59,12 +66,20 @@ _MODELS = {
     # Bi-Real Net as published (and in larq_zoo): ApproxSign activations, magnitude-aware
     # weights (already scaled per channel), weights clipped to [-1, 1].
     "birealnet18": ModelInfo(
-        imagenet.birealnet18, "imagenet", quantizer="bireal", weight_scale=False,
-        kernel_initializer="glorot_normal", kernel_constraint="weight_clip",
+        imagenet.birealnet18,
+        "imagenet",
+        quantizer="bireal",
+        weight_scale=False,
+        kernel_initializer="glorot_normal",
+        kernel_constraint="weight_clip",
     ),
     "birealnet34": ModelInfo(
-        imagenet.birealnet34, "imagenet", quantizer="bireal", weight_scale=False,
-        kernel_initializer="glorot_normal", kernel_constraint="weight_clip",
+        imagenet.birealnet34,
+        "imagenet",
+        quantizer="bireal",
+        weight_scale=False,
+        kernel_initializer="glorot_normal",
+        kernel_constraint="weight_clip",
     ),
 }
 
@@ -90,7 +105,7 @@ def available(family: str | None = None) -> list[str]:
 
 def info(name: str) -> ModelInfo:
     if name not in _MODELS:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(available())}")
+        raise ConfigError(f"unknown model {name!r}; choose one of {', '.join(available())}")
     return _MODELS[name]
 
 
@@ -114,16 +129,22 @@ def build(
     padding: "one" (default: LCE's fast bit-packed path) or "zero" (the reference).
     weight_scale: mean |w| kernel scaling; None takes the model's default.
     sync_bn: synchronized BatchNorm across replicas (for tf.distribute training).
+
+    Mixed precision: set Keras' global policy first
+    (`tf.keras.mixed_precision.set_global_policy("mixed_bfloat16")`); the model then
+    computes in that dtype with float32 variables and float32 logits. The quantizers'
+    math and their o / mu stay float32. `export.convert` converts a float32 twin.
     options: the factory's own keyword options (e.g. `width` for wrn20_10_1bit).
     """
     model_info = info(name)
     allowed = [
-        p for p in inspect.signature(model_info.factory).parameters
+        p
+        for p in inspect.signature(model_info.factory).parameters
         if p not in ("inputs", "spec", "num_classes")
     ]
     unknown = sorted(set(options) - set(allowed))
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"unknown option(s) {', '.join(unknown)} for {name}; it accepts "
             f"{', '.join(allowed) if allowed else 'no extra options'} besides quantizer, "
             f"input_shape, num_classes, a32, padding ({'|'.join(PADDINGS)}), weight_scale"
@@ -138,8 +159,14 @@ def build(
     )
     num_classes = num_classes or model_info.num_classes
     if num_classes < 2:
-        raise ValueError(f"num_classes must be >= 2 (got {num_classes})")
+        raise ConfigError(f"num_classes must be >= 2 (got {num_classes})")
     inputs = tf.keras.Input(tuple(input_shape or model_info.input_shape), name="image")
     with synchronized_batch_norm(sync_bn), _quiet_larq_constraint_warning():
         outputs = model_info.factory(inputs, spec, num_classes, **options)
+    if tf.keras.mixed_precision.global_policy().compute_dtype != "float32":
+        # Mixed precision: logits (and so the softmax and loss) in float32, as Keras'
+        # mixed-precision guide asks; a linear layer, no weights.
+        outputs = tf.keras.layers.Activation("linear", dtype="float32", name="logits_float32")(
+            outputs
+        )
     return tf.keras.Model(inputs, outputs, name=name)

@@ -10,6 +10,7 @@ import dataclasses
 import larq as lq
 import tensorflow as tf
 
+from reste_larq.errors import ConfigError
 from reste_larq.quantizers import MeanAbsScaled, canonical_estimator, estimator_quantizers
 
 PADDINGS = ("one", "zero")
@@ -24,6 +25,13 @@ def torch_default():
     """PyTorch's default Conv/Linear init, kaiming_uniform(a=sqrt(5)): U(+-1/sqrt(fan_in))."""
     return tf.keras.initializers.VarianceScaling(1.0 / 3.0, "fan_in", "uniform")
 
+
+# PyTorch's initializers by name (factories: one fresh instance per layer).
+TORCH_INITIALIZERS = {
+    "he_normal": he_normal,
+    "he_normal_fan_out": lambda: he_normal("fan_out"),
+    "torch_default": torch_default,
+}
 
 _SYNC_BN = contextvars.ContextVar("reste_larq_sync_bn", default=False)
 
@@ -42,7 +50,11 @@ def synchronized_batch_norm(enabled: bool = True):
 def batch_norm(name=None, affine: bool = True, momentum: float = 0.9):
     """BatchNorm with PyTorch's defaults (momentum 0.1 there = 0.9 here, eps 1e-5)."""
     return tf.keras.layers.BatchNormalization(
-        momentum=momentum, epsilon=1e-5, center=affine, scale=affine, name=name,
+        momentum=momentum,
+        epsilon=1e-5,
+        center=affine,
+        scale=affine,
+        name=name,
         synchronized=_SYNC_BN.get(),
     )
 
@@ -71,17 +83,21 @@ class BinarySpec:
         if self.quantizer != "float":
             object.__setattr__(self, "quantizer", canonical_estimator(self.quantizer))
         if self.padding not in PADDINGS:
-            raise ValueError(f"padding must be one of {', '.join(PADDINGS)} (got {self.padding!r})")
+            raise ConfigError(
+                f"padding must be one of {', '.join(PADDINGS)} (got {self.padding!r})"
+            )
 
     @property
     def binary(self) -> bool:
         return self.quantizer != "float"
 
     def initializer(self):
-        """A fresh initializer instance for one binary conv."""
+        """A fresh initializer instance for one binary conv: "he_normal" (PyTorch's
+        kaiming_normal_), "he_normal_fan_out", "torch_default" (PyTorch's default
+        Conv init), or any Keras initializer name."""
         init = self.kernel_initializer
-        if init in ("he_normal", "he_normal_fan_out"):
-            return he_normal("fan_out" if init.endswith("fan_out") else "fan_in")
+        if isinstance(init, str) and init in TORCH_INITIALIZERS:
+            return TORCH_INITIALIZERS[init]()
         return tf.keras.initializers.get(init)
 
     def conv(self, filters, kernel_size=3, strides=1, name=None) -> lq.layers.QuantConv2D:

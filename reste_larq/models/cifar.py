@@ -20,7 +20,6 @@ from reste_larq.models.blocks import (
     torch_default,
 )
 
-
 _he_normal_fan_out = functools.partial(he_normal, "fan_out")
 
 
@@ -43,9 +42,7 @@ def _resnet(inputs, spec, num_classes, stages, shortcut, bireal, initializer=he_
             strides = first_stride if i == 0 else 1
             residual = shortcut(x, filters, strides)
             if bireal:
-                x = tf.keras.layers.add(
-                    [binary_conv_block(x, spec, filters, strides), residual]
-                )
+                x = tf.keras.layers.add([binary_conv_block(x, spec, filters, strides), residual])
                 x = tf.keras.layers.add([binary_conv_block(x, spec, filters), x])
             else:
                 out = binary_conv_block(x, spec, filters, strides)

@@ -1,0 +1,146 @@
+"""Recipe pieces a library user needs as much as the CLI: PyTorch's SGD (momentum form
+and coupled weight decay), Adam with coupled weight decay, and the loss.
+
+PyTorch's `torch.optim.SGD(lr, momentum, weight_decay)`, which the ReSTE reference
+trains with, does per step (dampening 0, no Nesterov):
+
+    g = dL/dw + wd * w          (coupled L2: every parameter, BatchNorm's too)
+    b = momentum * b + g        (b = g at the first step)
+    w = w - lr * b
+
+Keras' SGD keeps v = momentum * v - lr * g instead. The two agree while lr is constant
+but not when it changes (a warm-up, a per-epoch cosine): Keras' velocity carries the
+old rates, PyTorch's buffer does not. Keras' own `weight_decay` is decoupled
+(w -= lr * wd * w after the step), which is neither.
+
+```python
+from reste_larq.training import TorchSGD, sparse_cross_entropy
+
+model.compile(TorchSGD(0.1, momentum=0.9, coupled_weight_decay=1e-4),
+              sparse_cross_entropy(10), ["accuracy"])
+```
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from reste_larq.errors import ConfigError
+
+OPTIMIZERS = ("sgd", "adam")
+
+
+def _check_decay(coupled_weight_decay):
+    if not coupled_weight_decay >= 0:  # also rejects NaN
+        raise ConfigError(f"coupled_weight_decay must be >= 0 (got {coupled_weight_decay})")
+    return float(coupled_weight_decay)
+
+
+def _with_coupled_decay(gradient, variable, coupled_weight_decay):
+    """dL/dw + wd * w, as PyTorch's `weight_decay` adds it before momentum/moments.
+
+    Applied in `update_step`, which runs once per variable after the replicas'
+    gradients are summed, so it is added once whatever the distribution strategy."""
+    if isinstance(gradient, tf.IndexedSlices):
+        gradient = tf.convert_to_tensor(gradient)
+    if coupled_weight_decay:
+        gradient = gradient + tf.cast(coupled_weight_decay, variable.dtype) * variable
+    return gradient
+
+
+@tf.keras.utils.register_keras_serializable(package="reste_larq")
+class TorchSGD(tf.keras.optimizers.SGD):
+    r"""SGD with PyTorch's momentum form and coupled weight decay (see module docs).
+
+    \\(g_t = \nabla L(w_t) + \lambda w_t,\ b_t = \mu b_{t-1} + g_t,\
+    w_{t+1} = w_t - \eta_t b_t\\)
+
+    Args:
+        learning_rate: \\(\eta\\).
+        momentum: \\(\mu\\) (0 gives plain SGD).
+        coupled_weight_decay: \\(\lambda\\), added to the gradient of every variable the
+            optimizer updates (PyTorch SGD's `weight_decay`).
+    """
+
+    def __init__(
+        self, learning_rate=0.1, momentum=0.9, coupled_weight_decay=0.0, name="TorchSGD", **kwargs
+    ):
+        if kwargs.get("nesterov"):
+            raise ConfigError(
+                "TorchSGD implements PyTorch's plain momentum; nesterov is not offered"
+            )
+        if kwargs.get("weight_decay"):
+            raise ConfigError(
+                "TorchSGD: use coupled_weight_decay (PyTorch's); Keras' weight_decay is decoupled"
+            )
+        kwargs.pop("nesterov", None)
+        kwargs.pop("weight_decay", None)
+        super().__init__(learning_rate=learning_rate, momentum=momentum, name=name, **kwargs)
+        self.coupled_weight_decay = _check_decay(coupled_weight_decay)
+
+    def update_step(self, gradient, variable):
+        lr = tf.cast(self.learning_rate, variable.dtype)
+        momentum = tf.cast(self.momentum, variable.dtype)
+        gradient = _with_coupled_decay(gradient, variable, self.coupled_weight_decay)
+        buffer = self.momentums[self._index_dict[self._var_key(variable)]]
+        # Zero-initialized, so the first step gives b = g, as PyTorch's lazy buffer.
+        buffer.assign(momentum * buffer + gradient)
+        variable.assign_sub(lr * buffer)
+
+    def get_config(self):
+        config = super().get_config()
+        config.pop("nesterov", None)
+        return {**config, "coupled_weight_decay": self.coupled_weight_decay}
+
+
+@tf.keras.utils.register_keras_serializable(package="reste_larq")
+class CoupledAdam(tf.keras.optimizers.Adam):
+    r"""Keras' Adam with PyTorch's coupled `weight_decay`: \\(\lambda w\\) joins the
+    gradient before the moments (not AdamW's decoupled decay)."""
+
+    def __init__(self, learning_rate=1e-3, coupled_weight_decay=0.0, name="CoupledAdam", **kwargs):
+        if kwargs.get("weight_decay"):
+            raise ConfigError(
+                "CoupledAdam: use coupled_weight_decay; for decoupled decay "
+                "use tf.keras.optimizers.AdamW"
+            )
+        kwargs.pop("weight_decay", None)
+        super().__init__(learning_rate=learning_rate, name=name, **kwargs)
+        self.coupled_weight_decay = _check_decay(coupled_weight_decay)
+
+    def update_step(self, gradient, variable):
+        super().update_step(
+            _with_coupled_decay(gradient, variable, self.coupled_weight_decay), variable
+        )
+
+    def get_config(self):
+        return {**super().get_config(), "coupled_weight_decay": self.coupled_weight_decay}
+
+
+def make_optimizer(
+    name: str, learning_rate: float, *, momentum: float = 0.9, coupled_weight_decay: float = 0.0
+) -> tf.keras.optimizers.Optimizer:
+    """ "sgd" (`TorchSGD`, the ReSTE recipe) or "adam" (`CoupledAdam`, Bi-Real/BNN-tricks)."""
+    if name == "sgd":
+        return TorchSGD(learning_rate, momentum, coupled_weight_decay)
+    if name == "adam":
+        return CoupledAdam(learning_rate, coupled_weight_decay)
+    raise ConfigError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+
+
+def sparse_cross_entropy(num_classes: int, label_smoothing: float = 0.0):
+    """Cross-entropy on integer labels and logits; with label smoothing ε the target is
+    (1 − ε)·one_hot + ε/K (Keras' and PyTorch's definition)."""
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ConfigError(f"label_smoothing must be in [0, 1) (got {label_smoothing})")
+    if not label_smoothing:
+        return tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    smoothed = tf.keras.losses.CategoricalCrossentropy(
+        from_logits=True, label_smoothing=label_smoothing
+    )
+
+    def loss(labels, logits):
+        labels = tf.one_hot(tf.cast(tf.reshape(labels, [-1]), tf.int32), num_classes)
+        return smoothed(labels, logits)
+
+    return loss
