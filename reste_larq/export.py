@@ -161,3 +161,185 @@ def write_atomic(path: str, data: bytes | str):
     with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
         f.write(data)
     os.replace(tmp, path)
+
+
+# ----------------------------------------------------------- packed 1-bit checkpoints
+_PACKED_FORMAT = "reste_larq.packed.v1"
+
+
+def _binary_kernel_layers(model):
+    """id(latent kernel variable) -> layer, for layers whose kernel quantizer is 1-bit."""
+    found = {}
+    for layer in model.submodules:
+        kernel = getattr(layer, "kernel", None)
+        if _is_binary(getattr(layer, "kernel_quantizer", None)) and kernel is not None:
+            found[id(getattr(kernel, "latent_variable", kernel))] = layer
+    return found
+
+
+def _deployed_kernel(layer, latent):
+    """What the layer computes with at inference: its kernel quantizer on `latent`."""
+    return np.asarray(
+        layer.kernel_quantizer(tf.constant(latent), training=False)
+        if "training" in _call_args(layer.kernel_quantizer)
+        else layer.kernel_quantizer(tf.constant(latent))
+    )
+
+
+def _call_args(quantizer):
+    import inspect
+
+    return inspect.signature(quantizer.call).parameters
+
+
+def save_packed(model: tf.keras.Model, path: str) -> dict:
+    """Write `model` with every binary kernel as 1 bit per weight (`np.packbits` of the
+    signs its quantizer deploys) plus one float32 scale per output channel, and every
+    other weight as it is, with the model's config (McDonnell's packed checkpoint).
+
+    The file restores the model's inference outputs exactly (`load_packed`); the latent
+    real-valued kernels are not kept, so it is a deployment checkpoint, not a training
+    one. For 1W32A models, which LCE cannot shrink, it is the small portable file.
+    A per-channel scale that no float32 latent reproduces exactly (a mean over N
+    values can skip a float32 when N is not a power of two) keeps that kernel as float32:
+    `unpacked_binary_kernels` counts them (0 for MeanAbsScaled and McDonnell's scaling
+    on the zoo's models; Bi-Real Net's magnitude-aware sign loses a few).
+    Returns {"binary_kernels", "unpacked_binary_kernels", "packed_bytes", "float_bytes"}.
+
+    ```python
+    export.save_packed(model, "wrn.packed.npz")
+    same = export.load_packed("wrn.packed.npz")   # or load_packed(path, model=built)
+    ```
+    """
+    binary = _binary_kernel_layers(model)
+    arrays = {
+        "format": np.array(_PACKED_FORMAT),
+        "config": np.array(model.to_json()),
+    }
+    stats = {"binary_kernels": 0, "unpacked_binary_kernels": 0, "packed_bytes": 0, "float_bytes": 0}
+    for i, weight in enumerate(model.weights):
+        value = weight.numpy()  # a QuantizedVariable reads as its latent value
+        layer = binary.get(id(getattr(weight, "latent_variable", weight)))
+        if layer is not None:
+            deployed = _deployed_kernel(layer, value).reshape(-1, value.shape[-1])
+            scale = np.abs(deployed).max(axis=0).astype(np.float32)
+            signs = deployed.ravel() >= 0
+            if np.array_equal(
+                np.abs(deployed), np.broadcast_to(scale, deployed.shape)
+            ) and _restorable(layer, value.shape, signs, scale):
+                arrays[f"bits{i}"] = np.packbits(signs)
+                arrays[f"scale{i}"] = scale
+                stats["binary_kernels"] += 1
+                stats["packed_bytes"] += arrays[f"bits{i}"].nbytes + scale.nbytes
+                continue
+            stats["unpacked_binary_kernels"] += 1
+        arrays[f"w{i}"] = value
+        stats["float_bytes"] += value.nbytes
+    with open(path, "wb") as f:  # np.savez would append .npz to a path without it
+        np.savez_compressed(f, **arrays)
+    return stats
+
+
+def _restorable(layer, shape, signs, scale) -> bool:
+    try:
+        _latent_deploying(layer, shape, signs, scale)
+    except ConfigError:
+        return False
+    return True
+
+
+def _latent_deploying(layer, shape, signs, scale):
+    """A latent kernel whose deployed form is exactly signs * scale.
+
+    Scaled quantizers recompute their scale from the latent (mean |w| over the kernel
+    or per output channel), and a float32 mean of N copies of s is not always s (here
+    up to a few ulps off). So each scale group (the whole kernel when every channel has
+    the same scale, else each channel) gets a magnitude a with mean(a) <= s <=
+    mean(next float after a), then its first k entries raised to that next float, with
+    k found by bisection, until the quantizer gives back the stored scale to the bit."""
+    scalar = bool(np.all(scale == scale[0]))
+    groups = 1 if scalar else shape[-1]
+    target = (scale[:1] if scalar else scale).astype(np.float32)
+    signs = signs.reshape(-1, groups)
+    rows = signs.shape[0]
+    up = np.float32(np.inf)
+
+    def deployed_scale(low, k):
+        high = np.nextafter(low, up)
+        first = np.arange(rows)[:, None] < k[None, :]
+        magnitudes = np.where(first, high, low).astype(np.float32)
+        latent = np.where(signs, magnitudes, -magnitudes).reshape(shape).astype(np.float32)
+        got = np.abs(_deployed_kernel(layer, latent).reshape(-1, shape[-1])).max(axis=0)
+        return latent, (got[:1] if scalar else got)
+
+    none, every = np.zeros(groups, np.int64), np.full(groups, rows, np.int64)
+    base = target.copy()
+    for _ in range(64):  # bracket: mean(base) <= target <= mean(next(base))
+        latent, got_low = deployed_scale(base, none)
+        if np.array_equal(got_low, target):
+            return latent
+        _, got_high = deployed_scale(base, every)
+        below, above = got_low > target, got_high < target
+        if not (below.any() or above.any()):
+            break
+        base = np.where(below, np.nextafter(base, -up), base)
+        base = np.where(above, np.nextafter(base, up), base).astype(np.float32)
+    low, high = none.copy(), every.copy()
+    for _ in range(int(np.log2(rows)) + 2):  # bisection on k per group
+        k = (low + high) // 2
+        latent, got = deployed_scale(base, k)
+        if np.array_equal(got, target):
+            return latent
+        low = np.where(got < target, k + 1, low)
+        high = np.where(got > target, k, high)
+        low = np.where(got == target, k, low)
+        high = np.where(got == target, k, high)
+    # Rounding inside the mean is not quite monotonic in k: look around the bisection's k.
+    found = np.zeros(groups, bool)
+    best = low.copy()
+    for offset in range(-16, 17):
+        k = np.clip(low + offset, 0, rows)
+        _, got = deployed_scale(base, np.where(found, best, k))
+        hit = (got == target) & ~found
+        best, found = np.where(hit, k, best), found | hit
+        if found.all():
+            return deployed_scale(base, best)[0]
+    raise ConfigError(f"{layer.name}: could not restore its binary kernel's scale exactly")
+
+
+def load_packed(path: str, model: tf.keras.Model | None = None) -> tf.keras.Model:
+    """Restore a `save_packed` file: into `model` (an architecture-identical model you
+    built) or, without one, into a model rebuilt from the stored config."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"{path} is not a packed checkpoint ({error})") from None
+    if str(arrays.get("format")) != _PACKED_FORMAT:
+        raise ConfigError(f"{path} is not a {_PACKED_FORMAT} file (see export.save_packed)")
+    if model is None:
+        model = tf.keras.models.model_from_json(str(arrays["config"]))
+    binary = _binary_kernel_layers(model)
+    weights = model.weights
+    stored = sum(1 for k in arrays if k.startswith(("w", "bits")))
+    if stored != len(weights):
+        raise ConfigError(
+            f"{path} holds {stored} weights, the model has {len(weights)}: another architecture"
+        )
+    for i, weight in enumerate(weights):
+        if f"bits{i}" in arrays:
+            layer = binary.get(id(getattr(weight, "latent_variable", weight)))
+            if layer is None:
+                raise ConfigError(f"{path}: weight {i} ({weight.name}) is not a binary kernel here")
+            size = int(np.prod(weight.shape))
+            signs = np.unpackbits(arrays[f"bits{i}"], count=size).astype(bool)
+            weight.assign(_latent_deploying(layer, weight.shape, signs, arrays[f"scale{i}"]))
+        else:
+            value = arrays[f"w{i}"]
+            if tuple(value.shape) != tuple(weight.shape):
+                raise ConfigError(
+                    f"{path}: weight {i} ({weight.name}) is {value.shape}, the model has "
+                    f"{tuple(weight.shape)}: another architecture"
+                )
+            weight.assign(value)
+    return model

@@ -223,6 +223,12 @@ def parser(description, *, prog, models, datasets, defaults):
         default=True,
         help="convert to model.tflite with LCE and evaluate it",
     )
+    g.add_argument(
+        "--export-packed",
+        action="store_true",
+        help="also write model.packed.npz: binary kernels as 1 bit per weight plus scales "
+        "(the portable small checkpoint of 1W32A models); --evaluate accepts it",
+    )
 
     g = p.add_argument_group("distribution")
     g.add_argument(
@@ -521,6 +527,8 @@ def run(args, load_data) -> dict:
     metrics["train_seconds"] = round(time.time() - started, 1)
     if args.export:
         metrics.update(_export(model, data, directory))
+    if args.export_packed:
+        metrics.update(_export_packed(model, directory))
     _write_json(metrics_path, metrics)
     print(json.dumps({k: metrics[k] for k in metrics if k != "args"}, indent=1), flush=True)
     return metrics
@@ -559,14 +567,31 @@ def _export(model, data, directory=None):
     }
 
 
+def _export_packed(model, directory):
+    """model.packed.npz (export.save_packed), written atomically."""
+    path = os.path.join(directory, PACKED_FILE)
+    stats = export.save_packed(model, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    return {"packed_bytes": os.path.getsize(path), "packed_binary_kernels": stats["binary_kernels"]}
+
+
+PACKED_FILE = "model.packed.npz"
+
+
 def evaluate_run(args, load_data) -> dict:
-    """--evaluate RUN_DIR (or RUN_DIR/checkpoint): rebuild the run's model from its
-    args.json, load its latest checkpoint, and report the same metrics."""
+    """--evaluate RUN_DIR (or RUN_DIR/checkpoint, or RUN_DIR/model.packed.npz): rebuild
+    the run's model from its args.json, load its latest checkpoint (or the packed
+    file), and report the same metrics."""
     path = args.evaluate.rstrip("/")
-    directory = os.path.dirname(path) if os.path.basename(path) == "checkpoint" else path
+    packed = path.endswith(".npz")
+    directory = os.path.dirname(path) if packed or os.path.basename(path) == "checkpoint" else path
     ckpt_dir = os.path.join(directory, "checkpoint")
     args_path = os.path.join(directory, "args.json")
-    if not os.path.isfile(args_path) or tf.train.latest_checkpoint(ckpt_dir) is None:
+    if packed and not (os.path.isfile(path) and os.path.isfile(args_path)):
+        raise UsageError(f"--evaluate: {path} is not a packed file in a run folder with args.json")
+    if not packed and (
+        not os.path.isfile(args_path) or tf.train.latest_checkpoint(ckpt_dir) is None
+    ):
         raise UsageError(
             f"--evaluate: {args.evaluate} is not a run folder with args.json and checkpoint/"
         )
@@ -577,11 +602,17 @@ def evaluate_run(args, load_data) -> dict:
     data = load_data(saved, train=False)
     model = build_model(saved, data.num_classes, data.input_shape)
     epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False)
-    tf.train.Checkpoint(model=model, epoch=epoch_var).restore(
-        tf.train.latest_checkpoint(ckpt_dir)
-    ).expect_partial()
+    if packed:
+        export.load_packed(path, model)
+    else:
+        tf.train.Checkpoint(model=model, epoch=epoch_var).restore(
+            tf.train.latest_checkpoint(ckpt_dir)
+        ).expect_partial()
     metrics = _final_metrics(saved, model, data, estimator_schedule(saved))
-    metrics["evaluated_epoch"] = int(epoch_var.numpy())
+    if packed:
+        metrics["evaluated_file"] = path
+    else:
+        metrics["evaluated_epoch"] = int(epoch_var.numpy())
     if args.export:
         metrics.update(_export(model, data))
     print(json.dumps({k: metrics[k] for k in metrics if k != "args"}, indent=1), flush=True)

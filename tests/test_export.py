@@ -1,0 +1,117 @@
+"""Packed 1-bit checkpoints: exact restore, the WRN file size, bad files, the CLI."""
+
+import json
+import os
+
+import larq as lq
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from reste_larq import export, models
+from reste_larq.errors import ConfigError
+
+
+def inference(model, seed=0):
+    x = np.random.default_rng(seed).standard_normal((2, *model.input_shape[1:]))
+    return model(x.astype(np.float32), training=False).numpy()
+
+
+def trained_like(model):
+    """Non-trivial BN statistics, so equal outputs mean something."""
+    rng = np.random.default_rng(3)
+    for layer in model.layers:
+        if isinstance(layer, tf.keras.layers.BatchNormalization):
+            for w in layer.weights:
+                base = 1.0 if ("gamma" in w.name or "variance" in w.name) else 0.0
+                w.assign(base + 0.1 * np.abs(rng.standard_normal(w.shape)).astype(np.float32))
+    return model
+
+
+@pytest.mark.parametrize(
+    "name, kwargs",
+    [
+        ("resnet20_1w1a", {}),
+        ("resnet20_1w1a", {"a32": True}),
+        ("vgg_small_1w1a", {"input_shape": (16, 16, 3)}),
+    ],
+)
+def test_packed_restores_outputs_exactly(name, kwargs, tmp_path):
+    model = trained_like(models.build(name, **kwargs))
+    path = str(tmp_path / "m.packed.npz")
+    stats = export.save_packed(model, path)
+    n_binary = sum(1 for l in model.layers if isinstance(l, lq.layers.QuantConv2D))
+    assert stats["binary_kernels"] == n_binary and stats["unpacked_binary_kernels"] == 0
+    expected = inference(model)
+    # from the stored config, and into a freshly built model of the same architecture
+    for restored in (
+        export.load_packed(path),
+        export.load_packed(path, models.build(name, **kwargs)),
+    ):
+        np.testing.assert_array_equal(inference(restored), expected)
+        for a, b in zip(model.layers, restored.layers):
+            if isinstance(a, lq.layers.QuantConv2D):  # the deployed kernels, bit for bit
+                np.testing.assert_array_equal(
+                    a.kernel_quantizer(a.kernel.latent_variable),
+                    b.kernel_quantizer(b.kernel.latent_variable),
+                )
+            elif a.weights:
+                for wa, wb in zip(a.weights, b.weights):
+                    np.testing.assert_array_equal(wa.numpy(), wb.numpy())
+
+
+def test_wrn_packed_file_is_at_most_4_mb(tmp_path):
+    model = trained_like(models.build("wrn20_10_1bit", num_classes=100))  # 1W32A
+    path = str(tmp_path / "wrn.packed.npz")
+    stats = export.save_packed(model, path)
+    assert stats["binary_kernels"] == 18 and stats["unpacked_binary_kernels"] == 0
+    assert os.path.getsize(path) <= 4e6  # the paper's file: 3.5 MB
+    np.testing.assert_array_equal(inference(export.load_packed(path)), inference(model))
+
+
+def test_bad_packed_files(tmp_path):
+    not_npz = tmp_path / "x.npz"
+    not_npz.write_bytes(b"hello")
+    with pytest.raises(ConfigError, match="not a packed checkpoint"):
+        export.load_packed(str(not_npz))
+    other = tmp_path / "other.npz"
+    np.savez(other, a=np.zeros(3))
+    with pytest.raises(ConfigError, match="not a reste_larq.packed.v1 file"):
+        export.load_packed(str(other))
+    path = str(tmp_path / "r20.npz")
+    export.save_packed(models.build("resnet20_1w1a", input_shape=(8, 8, 3)), path)
+    with pytest.raises(ConfigError, match="another architecture"):
+        export.load_packed(path, models.build("vgg_small_1w1a", input_shape=(8, 8, 3)))
+
+
+def test_cli_export_packed_and_evaluate_it(tmp_path, capsys):
+    from tests.test_data import write_cifar10
+    from tests.test_train import QUICK, read_metrics, run_cli
+
+    write_cifar10(str(tmp_path / "data"), n_per_batch=16)
+    assert (
+        run_cli(
+            "--data-dir",
+            tmp_path / "data",
+            "--results-dir",
+            tmp_path,
+            "--name",
+            "run",
+            *QUICK,
+            "--no-export",
+            "--export-packed",
+        )
+        == 0
+    )
+    m = read_metrics(str(tmp_path / "run"))
+    packed = tmp_path / "run" / "model.packed.npz"
+    assert m["packed_bytes"] == os.path.getsize(packed) and m["packed_binary_kernels"] == 18
+    capsys.readouterr()
+    assert (
+        run_cli(
+            "--evaluate", packed, "--data-dir", tmp_path / "data", "--no-download", "--no-export"
+        )
+        == 0
+    )
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["test_top1"] == m["test_top1"] and printed["test_top5"] == m["test_top5"]
