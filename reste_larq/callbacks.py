@@ -109,24 +109,67 @@ class EstimatorSchedule(tf.keras.callbacks.Callback):
         }
 
 
+DECAYS = ("cosine", "linear", "step", "sgdr")
+
+
+def sgdr_restarts(period: int, mult: float, epochs: int) -> list[int]:
+    """Restart epochs (counted after warm-up) of `--lr-schedule sgdr`: period * mult^k
+    for mult > 1 (period 2, mult 2: 2, 4, 8, ..., the 1-bit WRN code's list), every
+    `period` epochs for mult = 1."""
+    if period < 1 or mult < 1:
+        raise ConfigError(f"sgdr needs period >= 1 and mult >= 1 (got {period}, {mult})")
+    restarts, r = [], float(period)
+    while r < epochs:
+        restarts.append(int(round(r)))
+        r = r * mult if mult > 1 else r + period
+    return sorted(set(restarts))
+
+
 def learning_rate_at(
     epoch: int,
     base_lr: float,
     epochs: int,
     warmup_epochs: int = 0,
     decay: str = "cosine",
+    *,
+    steps=(),
+    gamma: float = 0.1,
+    restart_period: int = 2,
+    restart_mult: float = 2.0,
+    min_lr: float = 0.0,
 ) -> float:
-    """The per-epoch learning rate of the ReSTE reference (closed form).
+    """The per-epoch learning rate (closed form, a function of the epoch only).
 
-    Warm-up: base * (e + 1) / W for e < W, reaching base at e = W - 1. Then the decay
-    starts from base at e = W - 1: cosine, base/2 (1 + cos(pi (e - W + 1) / (E - W + 1)))
-    (the reference's CosineAnnealingLR with T_max = E - 4 for W = 5), or linear,
-    base (1 - (e - W + 1) / (E - W + 1)) (the Adam recipe of Bi-Real / BNN-tricks).
+    Warm-up: base * (e + 1) / W for e < W, reaching base at e = W - 1. Then:
+    - cosine: base/2 (1 + cos(pi (e - W + 1) / (E - W + 1))), from base at e = W - 1 to 0
+      after the last epoch (the ReSTE recipe; README "chosen otherwise" compares it with
+      the reference's recursion);
+    - linear: base (1 - (e - W + 1) / (E - W + 1)) (the Adam recipe of Bi-Real /
+      BNN-tricks);
+    - step: base * gamma^(number of `steps` <= e), milestones in epochs as PyTorch's
+      MultiStepLR (BNN-tricks' CIFAR-100: steps 150 250 320, gamma 0.2);
+    - sgdr: cosine from base to `min_lr` within each cycle, restarting at the epochs
+      `sgdr_restarts(restart_period, restart_mult, E - W)` after warm-up (SGDR,
+      Loshchilov & Hutter; the 1-bit WRN recipe: period 2, mult 2, min_lr 1e-4).
     """
-    if decay not in ("cosine", "linear"):
-        raise ConfigError(f"decay must be 'cosine' or 'linear' (got {decay!r})")
+    if decay not in DECAYS:
+        raise ConfigError(f"decay must be one of {', '.join(DECAYS)} (got {decay!r})")
     if warmup_epochs and epoch < warmup_epochs:
         return base_lr * (epoch + 1) / warmup_epochs
+    if decay == "step":
+        return base_lr * gamma ** sum(1 for milestone in steps if epoch >= milestone)
+    if decay == "sgdr":
+        t = epoch - warmup_epochs
+        bounds = [
+            0,
+            *sgdr_restarts(restart_period, restart_mult, epochs - warmup_epochs),
+            max(epochs - warmup_epochs, 1),
+        ]
+        start = max(b for b in bounds[:-1] if b <= max(t, 0))
+        end = min(b for b in bounds if b > start)
+        return min_lr + (base_lr - min_lr) * 0.5 * (
+            1 + math.cos(math.pi * (t - start) / (end - start))
+        )
     offset = max(warmup_epochs - 1, 0)
     span = max(epochs - offset, 1)
     progress = min(max((epoch - offset) / span, 0.0), 1.0)
@@ -136,24 +179,43 @@ def learning_rate_at(
 
 
 class LearningRateSchedule(tf.keras.callbacks.Callback):
-    """Sets the optimizer's learning rate at each epoch's start (`learning_rate_at`);
-    logs it as `lr`. Stepping once per epoch matches the reference."""
+    """Sets the optimizer's learning rate at each epoch's start (`learning_rate_at`,
+    whose keyword options `schedule_options` passes on); logs it as `lr`. Stepping once
+    per epoch matches the reference."""
 
-    def __init__(self, base_lr: float, epochs: int, warmup_epochs: int = 0, decay="cosine"):
+    def __init__(
+        self,
+        base_lr: float,
+        epochs: int,
+        warmup_epochs: int = 0,
+        decay="cosine",
+        **schedule_options,
+    ):
         super().__init__()
         if base_lr <= 0:
             raise ConfigError(f"learning rate must be > 0 (got {base_lr})")
         if warmup_epochs < 0:
             raise ConfigError(f"warm-up epochs must be >= 0 (got {warmup_epochs})")
-        learning_rate_at(0, base_lr, epochs, warmup_epochs, decay)  # validates decay
+        if decay == "step" and not schedule_options.get("steps"):
+            raise ConfigError("the step schedule needs its milestones (steps=[...] / --lr-steps)")
+        learning_rate_at(0, base_lr, epochs, warmup_epochs, decay, **schedule_options)
         self.base_lr, self.epochs = base_lr, epochs
         self.warmup_epochs, self.decay = warmup_epochs, decay
+        self.schedule_options = schedule_options
         self._lr = None
 
-    def on_epoch_begin(self, epoch, logs=None):
-        self._lr = learning_rate_at(
-            epoch, self.base_lr, self.epochs, self.warmup_epochs, self.decay
+    def lr_at(self, epoch: int) -> float:
+        return learning_rate_at(
+            epoch,
+            self.base_lr,
+            self.epochs,
+            self.warmup_epochs,
+            self.decay,
+            **self.schedule_options,
         )
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._lr = self.lr_at(epoch)
         self.model.optimizer.learning_rate.assign(self._lr)
 
     def on_epoch_end(self, epoch, logs=None):

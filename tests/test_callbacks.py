@@ -166,9 +166,11 @@ def test_schedule_sets_every_quantizer_and_is_identical_after_resume(quantizer):
         (lambda: cb.EstimatorSchedule(10, mu_end=0), "mu_start and mu_end must be > 0"),
         (lambda: cb.LearningRateSchedule(0.0, 10), "learning rate must be > 0"),
         (
-            lambda: cb.LearningRateSchedule(0.1, 10, decay="step"),
-            "decay must be 'cosine' or 'linear'",
+            lambda: cb.LearningRateSchedule(0.1, 10, decay="exp"),
+            "decay must be one of cosine, linear, step, sgdr",
         ),
+        (lambda: cb.LearningRateSchedule(0.1, 10, decay="step"), "needs its milestones"),
+        (lambda: cb.LearningRateSchedule(0.1, 10, decay="sgdr", restart_period=0), "sgdr needs"),
     ],
 )
 def test_bad_schedule_values(make, message):
@@ -230,3 +232,29 @@ def test_indicators_against_numpy_and_leave_bn_statistics_alone():
     assert logs["gradient_stability"] == pytest.approx(expected_stability, rel=1e-4)
     for a, b in zip(before, model.non_trainable_weights):
         np.testing.assert_array_equal(a, b.numpy())
+
+
+def test_step_schedule_composes_with_warmup():
+    lrs = [cb.learning_rate_at(e, 0.1, 12, 2, "step", steps=[5, 9], gamma=0.2) for e in range(12)]
+    expected = [0.05, 0.1, 0.1, 0.1, 0.1, 0.02, 0.02, 0.02, 0.02, 0.004, 0.004, 0.004]
+    np.testing.assert_allclose(lrs, expected, rtol=1e-12)
+
+
+def test_sgdr_is_the_1bit_wrn_codes_schedule():
+    """szagoruyko/binary-wide-resnet: restarts at epochs [2, 4, 8, ..., 128] of 256, each
+    cycle a cosine from lr to lr_min = 1e-4 over its own length (PyTorch 0.4's closed
+    form, written out here)."""
+    assert cb.sgdr_restarts(2, 2, 256) == [2, 4, 8, 16, 32, 64, 128]
+    assert cb.sgdr_restarts(3, 1, 10) == [3, 6, 9]
+    lrs = [cb.learning_rate_at(e, 0.1, 256, 0, "sgdr", min_lr=1e-4) for e in range(256)]
+    starts = [0, 2, 4, 8, 16, 32, 64, 128, 256]
+    for start, end in zip(starts, starts[1:]):
+        t = np.arange(end - start)
+        cycle = 1e-4 + (0.1 - 1e-4) * (1 + np.cos(np.pi * t / (end - start))) / 2
+        np.testing.assert_allclose(lrs[start:end], cycle, rtol=1e-12)
+    # with warm-up, the cycles start after it
+    warm = [
+        cb.learning_rate_at(e, 0.1, 20, 3, "sgdr", restart_period=4, restart_mult=1)
+        for e in range(20)
+    ]
+    assert warm[:3] == pytest.approx([0.1 / 3, 0.2 / 3, 0.1]) and warm[3] == warm[7] == 0.1

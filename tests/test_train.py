@@ -241,6 +241,8 @@ def test_init_from_a32_run(cifar_dir, tmp_path):
         (["--resume", "--name", "never-ran"], "no checkpoint"),
         (["--evaluate", "/nonexistent/run"], "not a run folder"),
         (["--o-end", "0.5"], "--o-end must be >= 1"),
+        (["--lr-schedule", "step"], "needs its milestones"),
+        (["--lr-schedule", "sgdr", "--sgdr-mult", "0.5"], "sgdr needs period >= 1 and mult >= 1"),
     ],
 )
 def test_bad_input_exits_with_one_line(argv, message, tmp_path, capsys):
@@ -549,3 +551,32 @@ def test_speed_flags_train_and_convert_the_same(cifar_dir, tmp_path, monkeypatch
         tflite = export.predict_tflite(f.read(), x)
     keras = twin(x, training=False).numpy()
     assert (tflite.argmax(1) == keras.argmax(1)).mean() >= 15 / 16
+
+
+def test_cli_step_schedule_reaches_the_optimizer(cifar_dir, tmp_path):
+    assert (
+        run_cli(
+            "--data-dir",
+            cifar_dir,
+            "--results-dir",
+            tmp_path,
+            "--name",
+            "run",
+            *QUICK,
+            "--epochs",
+            "3",
+            "--no-export",
+            "--lr-schedule",
+            "step",
+            "--lr-steps",
+            "1",
+            "2",
+            "--lr-gamma",
+            "0.5",
+        )
+        == 0
+    )
+    assert [float(r["lr"]) for r in history(str(tmp_path / "run"))] == pytest.approx(
+        [0.1, 0.05, 0.025]
+    )
+    assert read_metrics(str(tmp_path / "run"))["args"]["lr_schedule"] == "step"

@@ -170,6 +170,46 @@ def parser(description, *, prog, models, datasets, defaults):
         help="linear learning-rate warm-up; bare --warmup is the reference's 5 epochs",
     )
     g.add_argument(
+        "--lr-schedule",
+        choices=cb.DECAYS,
+        default=None,
+        help="after warm-up: cosine (ReSTE), linear to 0 (Bi-Real/BNN-tricks' Adam), step "
+        "(--lr-steps, --lr-gamma) or sgdr (cosine with warm restarts; --sgdr-period, "
+        "--sgdr-mult, --lr-min) (default: cosine with sgd, linear with adam)",
+    )
+    g.add_argument(
+        "--lr-steps",
+        type=_positive_int,
+        nargs="+",
+        default=None,
+        metavar="EPOCH",
+        help="step schedule: epochs at which lr is multiplied by --lr-gamma",
+    )
+    g.add_argument(
+        "--lr-gamma",
+        type=_positive_float,
+        default=0.1,
+        help="step schedule: the factor at each milestone",
+    )
+    g.add_argument(
+        "--sgdr-period",
+        type=_positive_int,
+        default=2,
+        help="sgdr: the first restart epoch after warm-up",
+    )
+    g.add_argument(
+        "--sgdr-mult",
+        type=float,
+        default=2.0,
+        help="sgdr: restarts at period * mult^k (mult 1: every period epochs)",
+    )
+    g.add_argument(
+        "--lr-min",
+        type=_non_negative_float,
+        default=0.0,
+        help="sgdr: the rate each cycle decays to",
+    )
+    g.add_argument(
         "--label-smoothing", type=_non_negative_float, default=0.0, help="label smoothing"
     )
     g.add_argument("--seed", type=int, default=1234, help="random seed")
@@ -289,15 +329,29 @@ RUN_DEFINING_FLAGS = (
     "seed",
     "train_limit",
     "mixed_precision",
+    "lr_schedule",
+    "lr_steps",
+    "lr_gamma",
+    "sgdr_period",
+    "sgdr_mult",
+    "lr_min",
 )
 
 
 # Run-defining flags added later, with the value runs made before them had.
-_FLAG_ADDED_LATER = {"mixed_precision": "off"}
+_FLAG_ADDED_LATER = {
+    "mixed_precision": "off",
+    "lr_steps": None,
+    "lr_gamma": 0.1,
+    "sgdr_period": 2,
+    "sgdr_mult": 2.0,
+    "lr_min": 0.0,
+}
 
 
 def _check_resume_args(args, saved):
     saved = {**_FLAG_ADDED_LATER, **saved}
+    saved.setdefault("lr_schedule", "linear" if saved.get("optimizer") == "adam" else "cosine")
     changed = [
         f"--{k.replace('_', '-')} {getattr(args, k)} (run has {saved.get(k)})"
         for k in RUN_DEFINING_FLAGS
@@ -347,6 +401,24 @@ def init_weights(model, twin, checkpoint_path):
         checkpoint_path
     ).expect_partial().assert_nontrivial_match()
     model.set_weights(twin.get_weights())
+
+
+def learning_rate_schedule(args) -> cb.LearningRateSchedule:
+    """--lr-schedule and its options (defaults set by resolve_args)."""
+    try:
+        return cb.LearningRateSchedule(
+            args.lr,
+            args.epochs,
+            args.warmup,
+            args.lr_schedule,
+            steps=args.lr_steps or (),
+            gamma=args.lr_gamma,
+            restart_period=args.sgdr_period,
+            restart_mult=args.sgdr_mult,
+            min_lr=args.lr_min,
+        )
+    except ConfigError as error:
+        raise UsageError(f"--lr-schedule {args.lr_schedule}: {error}") from None
 
 
 def estimator_schedule(args) -> cb.EstimatorSchedule:
@@ -405,6 +477,8 @@ def resolve_args(args):
     on the model (its own estimator); canonicalize the estimator name."""
     if args.lr is None:
         args.lr = ADAM_LR if args.optimizer == "adam" else args.sgd_lr
+    if args.lr_schedule is None:
+        args.lr_schedule = "linear" if args.optimizer == "adam" else "cosine"
     if args.quantizer is None:
         args.quantizer = models.info(args.model).quantizer
     if args.quantizer != "float":
@@ -425,6 +499,7 @@ def run(args, load_data) -> dict:
     if args.label_smoothing >= 1:
         raise UsageError(f"--label-smoothing must be < 1 (got {args.label_smoothing})")
 
+    learning_rate_schedule(args)  # bad schedule flags fail here, before anything is written
     if args.evaluate:
         return evaluate_run(args, load_data)
 
@@ -484,9 +559,7 @@ def run(args, load_data) -> dict:
     schedule = estimator_schedule(args)
     callbacks = [
         schedule,
-        cb.LearningRateSchedule(
-            args.lr, args.epochs, args.warmup, "linear" if args.optimizer == "adam" else "cosine"
-        ),
+        learning_rate_schedule(args),
     ]
     if args.indicators:
         callbacks.append(cb.Indicators(data.indicator_batch, o=args.o_end))
