@@ -6,26 +6,15 @@ import os
 import larq as lq
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from reste_larq import export, models
 from reste_larq.errors import ConfigError
+from tests.test_models import with_trained_batchnorm
 
 
 def inference(model, seed=0):
     x = np.random.default_rng(seed).standard_normal((2, *model.input_shape[1:]))
     return model(x.astype(np.float32), training=False).numpy()
-
-
-def trained_like(model):
-    """Non-trivial BN statistics, so equal outputs mean something."""
-    rng = np.random.default_rng(3)
-    for layer in model.layers:
-        if isinstance(layer, tf.keras.layers.BatchNormalization):
-            for w in layer.weights:
-                base = 1.0 if ("gamma" in w.name or "variance" in w.name) else 0.0
-                w.assign(base + 0.1 * np.abs(rng.standard_normal(w.shape)).astype(np.float32))
-    return model
 
 
 @pytest.mark.parametrize(
@@ -37,7 +26,7 @@ def trained_like(model):
     ],
 )
 def test_packed_restores_outputs_exactly(name, kwargs, tmp_path):
-    model = trained_like(models.build(name, **kwargs))
+    model = with_trained_batchnorm(models.build(name, **kwargs))
     path = str(tmp_path / "m.packed.npz")
     stats = export.save_packed(model, path)
     n_binary = sum(1 for l in model.layers if isinstance(l, lq.layers.QuantConv2D))
@@ -61,7 +50,7 @@ def test_packed_restores_outputs_exactly(name, kwargs, tmp_path):
 
 
 def test_wrn_packed_file_is_at_most_4_mb(tmp_path):
-    model = trained_like(models.build("wrn20_10_1bit", num_classes=100))  # 1W32A
+    model = with_trained_batchnorm(models.build("wrn20_10_1bit", num_classes=100))  # 1W32A
     path = str(tmp_path / "wrn.packed.npz")
     stats = export.save_packed(model, path)
     assert stats["binary_kernels"] == 18 and stats["unpacked_binary_kernels"] == 0
