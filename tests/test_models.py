@@ -376,3 +376,11 @@ def test_shortcut_option_a_is_subsample_and_quarter_zero_channels():
     np.testing.assert_array_equal(padded[..., 24:40], x)
     assert not padded[..., :24].any() and not padded[..., 40:].any()
     assert ChannelPad.from_config(ChannelPad(64).get_config()).filters == 64
+
+
+def test_bn_momentum_option_reaches_every_batchnorm():
+    model = models.build("resnet20_1w1a", input_shape=(8, 8, 3), bn_momentum=0.8, sync_bn=True)
+    bns = [l for l in model.layers if isinstance(l, tf.keras.layers.BatchNormalization)]
+    assert len(bns) == 1 + 18 + 1 and all(l.momentum == 0.8 and l.synchronized for l in bns)
+    with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\)"):
+        models.build("resnet20_1w1a", bn_momentum=1.5)

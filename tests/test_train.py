@@ -242,6 +242,7 @@ def test_init_from_a32_run(cifar_dir, tmp_path):
         (["--evaluate", "/nonexistent/run"], "not a run folder"),
         (["--o-end", "0.5"], "--o-end must be >= 1"),
         (["--lr-schedule", "step"], "needs its milestones"),
+        (["--bn-momentum", "1.2"], "--bn-momentum must be in [0, 1)"),
         (["--lr-schedule", "sgdr", "--sgdr-mult", "0.5"], "sgdr needs period >= 1 and mult >= 1"),
     ],
 )

@@ -110,6 +110,13 @@ def parser(description, *, prog, models, datasets, defaults):
     )
     g.add_argument("--a32", action="store_true", help="1W/32A: keep activations real")
     g.add_argument(
+        "--bn-momentum",
+        type=float,
+        default=0.9,
+        help="BatchNorm momentum in Keras terms (0.9 = PyTorch's 0.1, the reference; "
+        "BNN-tricks' PyTorch 0.2 is 0.8)",
+    )
+    g.add_argument(
         "--padding",
         choices=("one", "zero"),
         default="one",
@@ -335,6 +342,7 @@ RUN_DEFINING_FLAGS = (
     "sgdr_period",
     "sgdr_mult",
     "lr_min",
+    "bn_momentum",
 )
 
 
@@ -387,6 +395,7 @@ def build_model(args, num_classes, input_shape):
         a32=True if args.a32 else None,
         padding=args.padding,
         sync_bn=args.strategy != "default",
+        bn_momentum=args.bn_momentum,
     )
 
 
@@ -499,6 +508,8 @@ def run(args, load_data) -> dict:
     if args.label_smoothing >= 1:
         raise UsageError(f"--label-smoothing must be < 1 (got {args.label_smoothing})")
 
+    if not 0.0 <= args.bn_momentum < 1.0:
+        raise UsageError(f"--bn-momentum must be in [0, 1) (got {args.bn_momentum})")
     learning_rate_schedule(args)  # bad schedule flags fail here, before anything is written
     if args.evaluate:
         return evaluate_run(args, load_data)

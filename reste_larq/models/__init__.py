@@ -21,7 +21,12 @@ import tensorflow as tf
 
 from reste_larq.errors import ConfigError
 from reste_larq.models import cifar, imagenet
-from reste_larq.models.blocks import PADDINGS, BinarySpec, synchronized_batch_norm
+from reste_larq.models.blocks import (
+    DEFAULT_BN_MOMENTUM,
+    PADDINGS,
+    BinarySpec,
+    batch_norm_settings,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +124,7 @@ def build(
     padding: str = "one",
     weight_scale: bool | None = None,
     sync_bn: bool = False,
+    bn_momentum: float = DEFAULT_BN_MOMENTUM,
     **options,
 ) -> tf.keras.Model:
     """Build model `name` (uncompiled, logits out).
@@ -129,6 +135,7 @@ def build(
     padding: "one" (default: LCE's fast bit-packed path) or "zero" (the reference).
     weight_scale: mean |w| kernel scaling; None takes the model's default.
     sync_bn: synchronized BatchNorm across replicas (for tf.distribute training).
+    bn_momentum: Keras' BatchNorm momentum (0.9 = PyTorch's default 0.1).
 
     Mixed precision: set Keras' global policy first
     (`tf.keras.mixed_precision.set_global_policy("mixed_bfloat16")`); the model then
@@ -161,7 +168,7 @@ def build(
     if num_classes < 2:
         raise ConfigError(f"num_classes must be >= 2 (got {num_classes})")
     inputs = tf.keras.Input(tuple(input_shape or model_info.input_shape), name="image")
-    with synchronized_batch_norm(sync_bn), _quiet_larq_constraint_warning():
+    with batch_norm_settings(sync_bn, bn_momentum), _quiet_larq_constraint_warning():
         outputs = model_info.factory(inputs, spec, num_classes, **options)
     if tf.keras.mixed_precision.global_policy().compute_dtype != "float32":
         # Mixed precision: logits (and so the softmax and loss) in float32, as Keras'

@@ -33,29 +33,41 @@ TORCH_INITIALIZERS = {
     "torch_default": torch_default,
 }
 
-_SYNC_BN = contextvars.ContextVar("reste_larq_sync_bn", default=False)
+# PyTorch's BatchNorm2d momentum 0.1 is Keras' 0.9 (Keras keeps 0.9 of the old average).
+DEFAULT_BN_MOMENTUM = 0.9
+_BN_SETTINGS = contextvars.ContextVar(
+    "reste_larq_bn", default={"synchronized": False, "momentum": DEFAULT_BN_MOMENTUM}
+)
 
 
 @contextlib.contextmanager
-def synchronized_batch_norm(enabled: bool = True):
-    """Within this context `batch_norm` makes synchronized (cross-replica) BN layers:
-    per-replica statistics hurt BNN accuracy (the ReSTE authors' warning)."""
-    token = _SYNC_BN.set(bool(enabled))
+def batch_norm_settings(synchronized: bool = False, momentum: float = DEFAULT_BN_MOMENTUM):
+    """Within this context `batch_norm` makes BN layers with these settings.
+
+    synchronized: cross-replica statistics (per-replica statistics hurt BNN accuracy,
+        the ReSTE authors' warning).
+    momentum: Keras' moving-average momentum (BNN-tricks' PyTorch 0.2 is 0.8 here).
+    """
+    if not 0.0 <= momentum < 1.0:
+        raise ConfigError(f"BatchNorm momentum must be in [0, 1) (got {momentum})")
+    token = _BN_SETTINGS.set({"synchronized": bool(synchronized), "momentum": float(momentum)})
     try:
         yield
     finally:
-        _SYNC_BN.reset(token)
+        _BN_SETTINGS.reset(token)
 
 
-def batch_norm(name=None, affine: bool = True, momentum: float = 0.9):
-    """BatchNorm with PyTorch's defaults (momentum 0.1 there = 0.9 here, eps 1e-5)."""
+def batch_norm(name=None, affine: bool = True):
+    """BatchNorm with PyTorch's defaults (momentum 0.1 there = 0.9 here, eps 1e-5), or
+    the momentum and synchronization of the enclosing `batch_norm_settings`."""
+    settings = _BN_SETTINGS.get()
     return tf.keras.layers.BatchNormalization(
-        momentum=momentum,
+        momentum=settings["momentum"],
         epsilon=1e-5,
         center=affine,
         scale=affine,
         name=name,
-        synchronized=_SYNC_BN.get(),
+        synchronized=settings["synchronized"],
     )
 
 
