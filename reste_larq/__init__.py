@@ -23,6 +23,7 @@ except ModuleNotFoundError as error:  # pragma: no cover - an install without an
 from reste_larq import (  # noqa: E402,F401  (quantizers registers the names)
     callbacks,
     data,
+    distill,
     errors,
     export,
     models,
@@ -42,6 +43,7 @@ __all__ = [
     "ReSTE",
     "callbacks",
     "data",
+    "distill",
     "errors",
     "export",
     "models",

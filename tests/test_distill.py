@@ -1,0 +1,84 @@
+"""reste_larq.distill: the loss against numpy, a frozen teacher, a student that trains,
+saves, restores and exports alone."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from reste_larq import export, models, training
+from reste_larq.distill import Distiller, distillation_kl
+from reste_larq.errors import ConfigError
+
+
+def np_log_softmax(z):
+    z = z - z.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+@pytest.mark.parametrize("alpha, temperature", [(1.0, 1.0), (0.5, 4.0), (0.0, 2.0)])
+def test_loss_equals_the_formula(alpha, temperature):
+    """Hand-made logits: (1 - a) CE(y, s) + a T^2 KL(softmax(t/T) || softmax(s/T))."""
+    s = np.array([[2.0, -1.0, 0.5], [0.1, 0.2, 3.0], [-2.0, 1.0, 1.0]], np.float32)
+    t = np.array([[1.0, 0.0, -1.0], [0.0, 0.0, 2.0], [3.0, -1.0, 0.0]], np.float32)
+    y = np.array([0, 2, 1])
+    log_pt, log_ps = np_log_softmax(t / temperature), np_log_softmax(s / temperature)
+    kl = temperature**2 * np.mean(np.sum(np.exp(log_pt) * (log_pt - log_ps), axis=1))
+    ce = np.mean(-np_log_softmax(s)[np.arange(3), y])
+    expected = (1 - alpha) * ce + alpha * kl
+
+    student = tf.keras.Sequential([tf.keras.Input((3,)), tf.keras.layers.Identity()])
+    teacher = tf.keras.Sequential([tf.keras.Input((3,)), tf.keras.layers.Identity()])
+    distiller = Distiller(student, teacher, alpha, temperature)
+    distiller.compile(loss=training.sparse_cross_entropy(3))
+    total, kd = distiller.loss_value(None, tf.constant(y), tf.constant(s), tf.constant(t))
+    assert float(total) == pytest.approx(expected, rel=1e-5)
+    assert float(kd) == pytest.approx(kl, rel=1e-5)
+    assert float(tf.reduce_mean(distillation_kl(t, t, temperature))) == pytest.approx(0, abs=1e-6)
+    if alpha == 0.0:  # plain cross-entropy
+        assert float(total) == pytest.approx(ce, rel=1e-6)
+
+
+def test_teacher_frozen_student_trains_saves_and_exports_alone(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((16, 8, 8, 3)).astype(np.float32)
+    y = np.arange(16) % 4
+    student = models.build("resnet20_1w1a", quantizer="reste", input_shape=(8, 8, 3), num_classes=4)
+    teacher = models.build("resnet20_1w1a", quantizer="float", input_shape=(8, 8, 3), num_classes=4)
+    teacher_before = [w.numpy() for w in teacher.weights]
+    student_before = [w.numpy() for w in student.trainable_weights]
+    distiller = Distiller(student, teacher, alpha=0.5, temperature=2.0)
+    distiller.compile(
+        training.TorchSGD(0.1, 0.9, 1e-4), training.sparse_cross_entropy(4), ["accuracy"]
+    )
+    history = distiller.fit(x, y, batch_size=8, epochs=2, verbose=0, validation_data=(x, y)).history
+    assert {"loss", "kd_loss", "accuracy", "val_loss", "val_accuracy"} <= set(history)
+    assert all(np.isfinite(history["loss"]))
+    for a, b in zip(teacher_before, teacher.weights):  # BN statistics included
+        np.testing.assert_array_equal(a, b.numpy())
+    assert (
+        sum(
+            not np.array_equal(a, b.numpy())
+            for a, b in zip(student_before, student.trainable_weights)
+        )
+        > 10
+    )
+
+    student.save_weights(str(tmp_path / "student.weights.h5"))
+    again = models.build("resnet20_1w1a", quantizer="reste", input_shape=(8, 8, 3), num_classes=4)
+    again.load_weights(str(tmp_path / "student.weights.h5"))
+    np.testing.assert_array_equal(again(x, training=False), student(x, training=False))
+
+    flatbuffer = export.convert(distiller.student)  # the student only
+    assert export.op_counts(flatbuffer)["LceBconv2d"] == 18
+    assert len(flatbuffer) < len(export.convert(teacher)) / 5
+
+
+def test_bad_settings():
+    a = models.build("resnet20_1w1a", input_shape=(8, 8, 3), num_classes=4)
+    b = models.build("resnet20_1w1a", input_shape=(8, 8, 3), num_classes=5)
+    with pytest.raises(ConfigError, match="teacher has 5 classes, the student 4"):
+        Distiller(a, b)
+    with pytest.raises(ConfigError, match=r"alpha must be in \[0, 1\]"):
+        Distiller(a, a, alpha=1.5)
+    with pytest.raises(ConfigError, match="temperature must be > 0"):
+        Distiller(a, a, temperature=0)
