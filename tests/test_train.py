@@ -581,3 +581,81 @@ def test_cli_step_schedule_reaches_the_optimizer(cifar_dir, tmp_path):
         [0.1, 0.05, 0.025]
     )
     assert read_metrics(str(tmp_path / "run"))["args"]["lr_schedule"] == "step"
+
+
+def test_distillation_from_a_teacher_run(cifar_dir, tmp_path, monkeypatch, capsys):
+    """--teacher: the student trains against a finished float run, exports alone,
+    --evaluate finds it, and a killed distilled run resumes to the same end."""
+    base = ["--data-dir", cifar_dir, "--results-dir", tmp_path, *QUICK]
+    assert run_cli(*base, "--name", "teacher", "--quantizer", "float", "--no-export") == 0
+    teacher = str(tmp_path / "teacher")
+    distill = [
+        *base,
+        "--teacher",
+        teacher,
+        "--distill-weight",
+        "0.7",
+        "--distill-temperature",
+        "2",
+        "--epochs",
+        "2",
+    ]
+    assert run_cli(*distill, "--name", "student") == 0
+    m = check_outputs(str(tmp_path / "student"))  # 18 LceBconv2d, TFLite = Keras
+    assert m["teacher"] == teacher
+    assert m["teacher_test_top1"] == read_metrics(teacher)["test_top1"]
+    assert m["tflite_bytes"] < 100_000  # the student alone (the float teacher is ~1 MB)
+    assert {"kd_loss", "loss"} <= set(history(str(tmp_path / "student"))[0])
+    capsys.readouterr()
+    assert (
+        run_cli(
+            "--evaluate",
+            tmp_path / "student",
+            "--data-dir",
+            cifar_dir,
+            "--no-download",
+            "--no-export",
+        )
+        == 0
+    )
+    assert json.loads(capsys.readouterr().out)["test_top1"] == m["test_top1"]
+
+    original = cb.LearningRateSchedule.on_epoch_begin
+
+    def crash_at_epoch_1(self, epoch, logs=None):
+        if epoch == 1:
+            raise Killed("simulated kill at the start of epoch 2")
+        original(self, epoch, logs)
+
+    monkeypatch.setattr(cb.LearningRateSchedule, "on_epoch_begin", crash_at_epoch_1)
+    with pytest.raises(Killed):
+        run_cli(*distill, "--name", "crashed")
+    monkeypatch.setattr(cb.LearningRateSchedule, "on_epoch_begin", original)
+    assert run_cli(*distill, "--name", "crashed", "--resume") == 0
+    straight, resumed = history(str(tmp_path / "student")), history(str(tmp_path / "crashed"))
+    for a, b in zip(straight, resumed):
+        assert float(a["loss"]) == pytest.approx(float(b["loss"]), rel=1e-3)
+    assert read_metrics(str(tmp_path / "crashed"))["test_top1"] == m["test_top1"]
+
+
+def test_bad_teacher_is_a_one_line_error(cifar_dir, tmp_path, capsys):
+    not_a_run = tmp_path / "empty"
+    not_a_run.mkdir()
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    (unfinished / "args.json").write_text(json.dumps({"dataset": "cifar10"}))
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "args.json").write_text(json.dumps({"dataset": "cifar100"}))
+    (other / "final.weights.h5").write_bytes(b"")
+    for teacher, message in (
+        (not_a_run, "is not a run folder"),
+        (unfinished, "has no final.weights.h5"),
+        (other, "was trained on cifar100 (100 classes"),
+    ):
+        code = run_cli(
+            "--data-dir", cifar_dir, "--results-dir", tmp_path / "r", *QUICK, "--teacher", teacher
+        )
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and message in err[0], err
+        assert not os.path.exists(tmp_path / "r")

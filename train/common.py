@@ -19,6 +19,8 @@ import tensorflow as tf  # noqa: E402
 
 from reste_larq import callbacks as cb  # noqa: E402
 from reste_larq import export, models, training  # noqa: E402
+from reste_larq.data import DATASETS  # noqa: E402
+from reste_larq.distill import Distiller  # noqa: E402
 from reste_larq.errors import ConfigError, DataFormatError, DataNotFoundError  # noqa: E402
 from reste_larq.quantizers import canonical_estimator, estimators  # noqa: E402
 
@@ -221,6 +223,28 @@ def parser(description, *, prog, models, datasets, defaults):
     )
     g.add_argument("--seed", type=int, default=1234, help="random seed")
 
+    g = p.add_argument_group("distillation")
+    g.add_argument(
+        "--teacher",
+        metavar="RUN_DIR",
+        default=None,
+        help="distill from a finished run of this project (its args.json and "
+        "final.weights.h5), e.g. the float twin: --quantizer float",
+    )
+    g.add_argument(
+        "--distill-weight",
+        type=_non_negative_float,
+        default=1.0,
+        help="alpha: loss = (1 - alpha) CE + alpha T^2 KL(teacher || student); "
+        "1 with T 1 is ReActNet's distribution loss",
+    )
+    g.add_argument(
+        "--distill-temperature",
+        type=_positive_float,
+        default=1.0,
+        help="T, the softmax temperature of the KL term",
+    )
+
     g = p.add_argument_group("speed")
     g.add_argument(
         "--mixed-precision",
@@ -343,6 +367,9 @@ RUN_DEFINING_FLAGS = (
     "sgdr_mult",
     "lr_min",
     "bn_momentum",
+    "teacher",
+    "distill_weight",
+    "distill_temperature",
 )
 
 
@@ -354,6 +381,10 @@ _FLAG_ADDED_LATER = {
     "sgdr_period": 2,
     "sgdr_mult": 2.0,
     "lr_min": 0.0,
+    "bn_momentum": 0.9,
+    "teacher": None,
+    "distill_weight": 1.0,
+    "distill_temperature": 1.0,
 }
 
 
@@ -430,6 +461,35 @@ def learning_rate_schedule(args) -> cb.LearningRateSchedule:
         raise UsageError(f"--lr-schedule {args.lr_schedule}: {error}") from None
 
 
+def teacher_run(args):
+    """--teacher RUN_DIR, checked before anything is written: the teacher's args (a
+    Namespace to build its model with), or None without --teacher."""
+    if not args.teacher:
+        return None
+    args_path = os.path.join(args.teacher, "args.json")
+    weights = os.path.join(args.teacher, "final.weights.h5")
+    if not os.path.isfile(args_path):
+        raise UsageError(
+            f"--teacher: {args.teacher} is not a run folder of this project (no args.json)"
+        )
+    if not os.path.isfile(weights):
+        raise UsageError(f"--teacher: {args.teacher} has no final.weights.h5 (not finished?)")
+    saved = _load_json(args_path)
+    ours, theirs = DATASETS[args.dataset], DATASETS.get(saved.get("dataset"))
+    if theirs is None or (theirs.num_classes, theirs.image_shape) != (
+        ours.num_classes,
+        ours.image_shape,
+    ):
+        found = f"{theirs.num_classes} classes of {theirs.image_shape}" if theirs else "?"
+        raise UsageError(
+            f"--teacher: {args.teacher} was trained on {saved.get('dataset')} ({found}); "
+            f"this run needs {ours.num_classes} classes of {ours.image_shape}"
+        )
+    teacher = argparse.Namespace(**{**vars(args), **saved})
+    teacher.strategy = args.strategy  # BN synchronization as the student's
+    return teacher
+
+
 def estimator_schedule(args) -> cb.EstimatorSchedule:
     """The run's o / mu schedule: training, --resume and --evaluate all use this one."""
     return cb.EstimatorSchedule(
@@ -444,7 +504,9 @@ def compile_model(model, args):
         optimizer=training.make_optimizer(
             args.optimizer, args.lr, momentum=args.momentum, coupled_weight_decay=args.weight_decay
         ),
-        loss=training.sparse_cross_entropy(model.output_shape[-1], args.label_smoothing),
+        loss=training.sparse_cross_entropy(
+            getattr(model, "student", model).output_shape[-1], args.label_smoothing
+        ),
         metrics=["accuracy", tf.keras.metrics.SparseTopKCategoricalAccuracy(5, name="top5")],
         jit_compile=args.jit_compile,
     )
@@ -528,6 +590,7 @@ def run(args, load_data) -> dict:
             f"{directory} already holds a run; pass --resume to continue it, or "
             "--name/--results-dir for a new one"
         )
+    teacher_args = teacher_run(args)
     init_checkpoint = None
     if args.init_from:
         init_checkpoint = tf.train.latest_checkpoint(os.path.join(args.init_from, "checkpoint"))
@@ -545,6 +608,11 @@ def run(args, load_data) -> dict:
     os.makedirs(directory, exist_ok=True)
     with strategy.scope():
         model = build_model(args, data.num_classes, data.input_shape)
+        student = model
+        if teacher_args is not None:
+            teacher = build_model(teacher_args, data.num_classes, data.input_shape)
+            teacher.load_weights(os.path.join(args.teacher, "final.weights.h5"))
+            model = Distiller(student, teacher, args.distill_weight, args.distill_temperature)
         compile_model(model, args)
         epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False)
         checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer, epoch=epoch_var)
@@ -605,14 +673,19 @@ def run(args, load_data) -> dict:
         )
     if model.stop_training:  # only TerminateOnNaN stops a run early
         raise UsageError(f"training diverged (NaN loss); see {directory}/history.csv")
-    model.save_weights(os.path.join(directory, "final.weights.h5"))
-    metrics = _final_metrics(args, model, data, schedule)
+    student.save_weights(os.path.join(directory, "final.weights.h5"))
+    metrics = _final_metrics(args, student, data, schedule)
     metrics.update(best)
     metrics["train_seconds"] = round(time.time() - started, 1)
-    if args.export:
-        metrics.update(_export(model, data, directory))
+    if teacher_args is not None:
+        teacher_metrics = os.path.join(args.teacher, "metrics.json")
+        metrics["teacher"] = args.teacher
+        if os.path.isfile(teacher_metrics):
+            metrics["teacher_test_top1"] = _load_json(teacher_metrics).get("test_top1")
+    if args.export:  # the student alone
+        metrics.update(_export(student, data, directory))
     if args.export_packed:
-        metrics.update(_export_packed(model, directory))
+        metrics.update(_export_packed(student, directory))
     _write_json(metrics_path, metrics)
     print(json.dumps({k: metrics[k] for k in metrics if k != "args"}, indent=1), flush=True)
     return metrics
@@ -689,9 +762,11 @@ def evaluate_run(args, load_data) -> dict:
     if packed:
         export.load_packed(path, model)
     else:
-        tf.train.Checkpoint(model=model, epoch=epoch_var).restore(
+        # A distilled run checkpoints the Distiller: the student sits under model/student.
+        saved_model = tf.train.Checkpoint(student=model) if saved.teacher else model
+        tf.train.Checkpoint(model=saved_model, epoch=epoch_var).restore(
             tf.train.latest_checkpoint(ckpt_dir)
-        ).expect_partial()
+        ).expect_partial().assert_existing_objects_matched()
     metrics = _final_metrics(saved, model, data, estimator_schedule(saved))
     if packed:
         metrics["evaluated_file"] = path
