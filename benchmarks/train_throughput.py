@@ -40,14 +40,21 @@ DEFAULT_ESTIMATORS = ["ste", "reste", "bnnpp", "binary_connect", "bnn+", "approx
 POLICIES = {"bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
 
 
+def split_variant(variant):
+    """ "reste+jit+bf16" -> ("reste", ["jit", "bf16"]); "bnn+" keeps its own "+"."""
+    options = []
+    while True:
+        for option in ("jit", *POLICIES):
+            if variant.endswith("+" + option):
+                options.insert(0, option)
+                variant = variant[: -len(option) - 1]
+                break
+        else:
+            return variant, options
+
+
 def make_model(variant, model_name):
-    estimator, *options = variant.split("+")
-    unknown = sorted(set(options) - {"jit", *POLICIES})
-    if unknown:
-        raise SystemExit(
-            f"unknown option(s) {', '.join(unknown)} in {variant!r}; "
-            f"choose from jit, {', '.join(POLICIES)}"
-        )
+    estimator, options = split_variant(variant)
     policy = next((POLICIES[o] for o in options if o in POLICIES), "float32")
     tf.keras.mixed_precision.set_global_policy(policy)
     try:
@@ -105,7 +112,7 @@ def main(argv=None):
         medians[name] = statistics.median(rates[name])
         print(f"{name:<16}{medians[name]:>14.1f}{min(rates[name]):>10.1f}{max(rates[name]):>10.1f}")
     for name in args.estimators:
-        base = name.split("+")[0]
+        base = split_variant(name)[0]
         if name != "reste" and "reste" in medians and (base == "reste" or name == "float"):
             print(f"{name}/reste throughput ratio: {medians[name] / medians['reste']:.2f}")
     if "reste" in medians and "ste" in medians:
