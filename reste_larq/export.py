@@ -178,18 +178,9 @@ def _binary_kernel_layers(model):
 
 
 def _deployed_kernel(layer, latent):
-    """What the layer computes with at inference: its kernel quantizer on `latent`."""
-    return np.asarray(
-        layer.kernel_quantizer(tf.constant(latent), training=False)
-        if "training" in _call_args(layer.kernel_quantizer)
-        else layer.kernel_quantizer(tf.constant(latent))
-    )
-
-
-def _call_args(quantizer):
-    import inspect
-
-    return inspect.signature(quantizer.call).parameters
+    """What the layer computes with at inference: its kernel quantizer on `latent`
+    (Keras passes `training` on only to quantizers whose call takes it, as BNN++'s)."""
+    return np.asarray(layer.kernel_quantizer(tf.constant(latent), training=False))
 
 
 def save_packed(model: tf.keras.Model, path: str) -> dict:

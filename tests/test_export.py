@@ -22,6 +22,7 @@ def inference(model, seed=0):
     [
         ("resnet20_1w1a", {}),
         ("resnet20_1w1a", {"a32": True}),
+        ("resnet20_1w1a", {"quantizer": "bnnpp", "input_shape": (8, 8, 3)}),
         ("vgg_small_1w1a", {"input_shape": (16, 16, 3)}),
     ],
 )

@@ -570,6 +570,8 @@ def run(args, load_data) -> dict:
     if args.label_smoothing >= 1:
         raise UsageError(f"--label-smoothing must be < 1 (got {args.label_smoothing})")
 
+    if not 0.0 <= args.distill_weight <= 1.0:
+        raise UsageError(f"--distill-weight must be in [0, 1] (got {args.distill_weight})")
     if not 0.0 <= args.bn_momentum < 1.0:
         raise UsageError(f"--bn-momentum must be in [0, 1) (got {args.bn_momentum})")
     learning_rate_schedule(args)  # bad schedule flags fail here, before anything is written
