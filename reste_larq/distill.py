@@ -78,7 +78,7 @@ class Distiller(tf.keras.Model):
         compiled = [m for m in super().metrics if m.name != "loss"]
         return [self.total_loss_tracker, self.kd_loss_tracker, *compiled]
 
-    def loss_value(self, x, y, student_logits, teacher_logits):
+    def loss_value(self, y, student_logits, teacher_logits):
         """The distillation loss of one batch, scaled for the distribution strategy
         as Keras scales its own losses; returns (total, kd term)."""
         kd = tf.nn.compute_average_loss(
@@ -98,7 +98,7 @@ class Distiller(tf.keras.Model):
         teacher_logits = tf.stop_gradient(self.teacher(x, training=False))
         with tf.GradientTape() as tape:
             student_logits = self.student(x, training=True)
-            total, kd = self.loss_value(x, y, student_logits, teacher_logits)
+            total, kd = self.loss_value(y, student_logits, teacher_logits)
         variables = self.student.trainable_variables
         self.optimizer.minimize(total, variables, tape=tape)
         self.compiled_metrics.update_state(y, student_logits)
