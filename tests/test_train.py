@@ -153,6 +153,22 @@ class Killed(Exception):
     pass
 
 
+def run_killed_at_epoch(kill_epoch, monkeypatch, *argv):
+    """Run the CLI and kill it at the start of epoch `kill_epoch` (0-based), as a
+    crash would: the run folder holds what was saved up to then."""
+    original = cb.LearningRateSchedule.on_epoch_begin
+
+    def crash(self, epoch, logs=None):
+        if epoch == kill_epoch:
+            raise Killed(f"simulated kill at the start of epoch {epoch + 1}")
+        original(self, epoch, logs)
+
+    monkeypatch.setattr(cb.LearningRateSchedule, "on_epoch_begin", crash)
+    with pytest.raises(Killed):
+        run_cli(*argv)
+    monkeypatch.setattr(cb.LearningRateSchedule, "on_epoch_begin", original)
+
+
 def test_resume_after_crash_ends_where_uninterrupted_run_ends(
     cifar_dir, tmp_path, monkeypatch, capsys
 ):
@@ -170,17 +186,7 @@ def test_resume_after_crash_ends_where_uninterrupted_run_ends(
     ]
     assert run_cli(*common, "--name", "straight") == 0
 
-    original = cb.LearningRateSchedule.on_epoch_begin
-
-    def crash_at_epoch_2(self, epoch, logs=None):
-        if epoch == 2:
-            raise Killed("simulated kill at the start of epoch 3")
-        original(self, epoch, logs)
-
-    monkeypatch.setattr(cb.LearningRateSchedule, "on_epoch_begin", crash_at_epoch_2)
-    with pytest.raises(Killed):
-        run_cli(*common, "--name", "crashed")
-    monkeypatch.setattr(cb.LearningRateSchedule, "on_epoch_begin", original)
+    run_killed_at_epoch(2, monkeypatch, *common, "--name", "crashed")
     crashed = str(tmp_path / "crashed")
     assert not os.path.exists(os.path.join(crashed, "metrics.json"))  # not mistaken for done
 
@@ -620,17 +626,7 @@ def test_distillation_from_a_teacher_run(cifar_dir, tmp_path, monkeypatch, capsy
     )
     assert json.loads(capsys.readouterr().out)["test_top1"] == m["test_top1"]
 
-    original = cb.LearningRateSchedule.on_epoch_begin
-
-    def crash_at_epoch_1(self, epoch, logs=None):
-        if epoch == 1:
-            raise Killed("simulated kill at the start of epoch 2")
-        original(self, epoch, logs)
-
-    monkeypatch.setattr(cb.LearningRateSchedule, "on_epoch_begin", crash_at_epoch_1)
-    with pytest.raises(Killed):
-        run_cli(*distill, "--name", "crashed")
-    monkeypatch.setattr(cb.LearningRateSchedule, "on_epoch_begin", original)
+    run_killed_at_epoch(1, monkeypatch, *distill, "--name", "crashed")
     assert run_cli(*distill, "--name", "crashed", "--resume") == 0
     straight, resumed = history(str(tmp_path / "student")), history(str(tmp_path / "crashed"))
     for a, b in zip(straight, resumed):
