@@ -506,14 +506,18 @@ def canonical_estimator(name: str) -> str:
     return name
 
 
-def estimator_quantizers(name: str, *, a32: bool = False):
+def estimator_quantizers(name: str, *, a32: bool = False, w32: bool = False):
     """(input_quantizer, kernel_quantizer) instances for an estimator name.
 
-    `a32=True` keeps activations real (input quantizer None), the 1W/32A setting.
+    `a32=True` keeps activations real (input quantizer None), the 1W/32A setting;
+    `w32=True` keeps weights real (kernel quantizer None), the 32W/1A setting of
+    ReActNet's first training step. Both at once would leave nothing binary.
     """
+    if a32 and w32:
+        raise ConfigError("a32 and w32 together leave nothing binary; use quantizer 'float'")
     input_name, kernel_name = ESTIMATORS[canonical_estimator(name)]
     input_q = None if a32 else lq.quantizers.get(input_name)
-    return input_q, lq.quantizers.get(kernel_name)
+    return input_q, None if w32 else lq.quantizers.get(kernel_name)
 
 
 def scheduled_quantizers(model: tf.keras.Model, kind=_ScheduledSign):

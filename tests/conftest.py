@@ -23,3 +23,13 @@ def _seed_policy_and_memory():
     # models in one process and grew past 23 GB (OOM-killed) without this.
     tf.keras.backend.clear_session()
     gc.collect()
+
+
+@pytest.fixture(scope="session")
+def cifar_dir(tmp_path_factory):
+    """The official CIFAR-10 python folder layout, 80 train and 16 test images."""
+    from tests.test_data import write_cifar10
+
+    root = tmp_path_factory.mktemp("cifar")
+    write_cifar10(str(root), n_per_batch=16)
+    return str(root)

@@ -264,6 +264,45 @@ def test_a32_keeps_activations_real_and_converts_to_float_convs():
     assert "LceBconv2d" not in ops and ops["CONV_2D"] == 19
 
 
+@pytest.mark.parametrize("name", ["resnet20_1w1a", "birealnet18"])
+def test_w32_keeps_weights_real_with_binary_activations(name):
+    """32W/1A (ReActNet's first step): every binary conv of the 1W1A model keeps its
+    sign activations, its kernel is used as it is, and the model converts (LCE
+    quantizes the activations, then runs a float conv) with TFLite = Keras."""
+    model = models.build(name, w32=True, input_shape=small_input(name))
+    full = models.build(name, input_shape=small_input(name))
+    convs = [l for l in model.layers if isinstance(l, lq.layers.QuantConv2D)]
+    binary = [l for l in full.layers if isinstance(l, lq.layers.QuantConv2D)]
+    assert len(convs) == len(binary) > 0
+    for w32_conv, conv in zip(convs, binary):
+        assert (w32_conv.input_quantizer is None) == (conv.input_quantizer is None)
+        assert w32_conv.kernel_quantizer is None and w32_conv.kernel_constraint is None
+    x = np.random.RandomState(0).randn(1, *small_input(name)).astype("float32")
+    conv = next(l for l in convs if l.input_quantizer is not None)
+    probe = tf.keras.Model(model.input, conv.output)
+    kernel = conv.kernel.numpy()
+    conv_input = tf.keras.Model(model.input, conv.input)(x).numpy()
+    signs = np.where(conv_input >= 0, 1.0, -1.0).astype("float32")
+    # +1 padding of the sign input, as the 1W1A model's conv does
+    padded = np.pad(signs, [(0, 0), (1, 1), (1, 1), (0, 0)], constant_values=1.0)
+    expected = tf.nn.conv2d(padded, kernel, conv.strides, "VALID").numpy()
+    np.testing.assert_allclose(probe(x).numpy(), expected, rtol=1e-5, atol=1e-4)
+    assert export.count_binary_convs(model) == 0
+    flatbuffer = export.convert(model)
+    ops = export.op_counts(flatbuffer)
+    assert "LceBconv2d" not in ops and ops["LceQuantize"] >= len(convs) - 1
+    np.testing.assert_allclose(
+        export.predict_tflite(flatbuffer, x), model(x, training=False).numpy(), atol=1e-3
+    )
+
+
+def test_w32_with_real_activations_is_refused():
+    with pytest.raises(ValueError, match="nothing binary"):
+        models.build("resnet20_1w1a", a32=True, w32=True)
+    with pytest.raises(ValueError, match="nothing binary"):
+        models.build("wrn20_10_1bit", w32=True)  # 1W32A by definition
+
+
 # ---------------------------------------------------------------- structure
 # What the reference (DravenALG/ReSTE) and the papers build, written out here, not read
 # from the code under test: the binary convs' init and what follows each binary conv.

@@ -13,18 +13,10 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from reste_larq import callbacks as cb
-from tests.test_data import write_cifar10
 from train import cifar, common
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = ["--epochs", "1", "-b", "16", "--batch-size-test", "16", "--verbose", "0", "--no-download"]
-
-
-@pytest.fixture(scope="module")
-def cifar_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cifar")
-    write_cifar10(str(root), n_per_batch=16)  # 80 train, 16 test images
-    return str(root)
 
 
 def run_cli(*argv):

@@ -112,6 +112,11 @@ def parser(description, *, prog, models, datasets, defaults):
     )
     g.add_argument("--a32", action="store_true", help="1W/32A: keep activations real")
     g.add_argument(
+        "--w32",
+        action="store_true",
+        help="32W/1A: keep weights real, activations binary (ReActNet's first step)",
+    )
+    g.add_argument(
         "--bn-momentum",
         type=float,
         default=0.9,
@@ -322,7 +327,7 @@ def parser(description, *, prog, models, datasets, defaults):
 def run_dir(args) -> str:
     name = args.name or f"{args.model}_{args.quantizer}_{args.dataset}" + (
         "_a32" if args.a32 else ""
-    )
+    ) + ("_w32" if args.w32 else "")
     return os.path.join(args.results_dir, name)
 
 
@@ -355,6 +360,7 @@ RUN_DEFINING_FLAGS = (
     "mu_start",
     "mu_end",
     "a32",
+    "w32",
     "padding",
     "label_smoothing",
     "seed",
@@ -385,6 +391,7 @@ _FLAG_ADDED_LATER = {
     "teacher": None,
     "distill_weight": 1.0,
     "distill_temperature": 1.0,
+    "w32": False,
 }
 
 
@@ -424,20 +431,23 @@ def build_model(args, num_classes, input_shape):
         input_shape=input_shape,
         num_classes=num_classes,
         a32=True if args.a32 else None,
+        w32=getattr(args, "w32", False),
         padding=args.padding,
         sync_bn=args.strategy != "default",
         bn_momentum=args.bn_momentum,
     )
 
 
-def init_weights(model, twin, checkpoint_path):
+def init_weights(model, twin, checkpoint_path, distilled=False):
     """Load another run's weights into `model`, and nothing of its optimizer.
 
     Restored by object graph into `twin` (an uncompiled model of model's architecture),
     not by weight list: a 1W32A run has no activation quantizers, so its list differs.
     Not into `model` itself: a compiled Keras model tracks its optimizer, and restoring
-    it would also restore the other run's SGD velocity (which carries its lr)."""
-    tf.train.Checkpoint(model=twin).restore(
+    it would also restore the other run's SGD velocity (which carries its lr).
+    distilled: the other run checkpointed a Distiller (its student under model/student)."""
+    saved_model = tf.train.Checkpoint(student=twin) if distilled else twin
+    tf.train.Checkpoint(model=saved_model).restore(
         checkpoint_path
     ).expect_partial().assert_nontrivial_match()
     model.set_weights(twin.get_weights())
@@ -485,7 +495,7 @@ def teacher_run(args):
             f"--teacher: {args.teacher} was trained on {saved.get('dataset')} ({found}); "
             f"this run needs {ours.num_classes} classes of {ours.image_shape}"
         )
-    teacher = argparse.Namespace(**{**vars(args), **saved})
+    teacher = argparse.Namespace(**{**vars(args), **_FLAG_ADDED_LATER, **saved})
     teacher.strategy = args.strategy  # BN synchronization as the student's
     return teacher
 
@@ -570,6 +580,11 @@ def run(args, load_data) -> dict:
     if args.label_smoothing >= 1:
         raise UsageError(f"--label-smoothing must be < 1 (got {args.label_smoothing})")
 
+    if args.w32 and (args.a32 or models.info(args.model).a32):
+        raise UsageError(
+            f"--w32 keeps weights real, and {args.model} with --a32 or by default keeps "
+            "activations real: nothing would be binary (use --quantizer float)"
+        )
     if not 0.0 <= args.distill_weight <= 1.0:
         raise UsageError(f"--distill-weight must be in [0, 1] (got {args.distill_weight})")
     if not 0.0 <= args.bn_momentum < 1.0:
@@ -596,9 +611,10 @@ def run(args, load_data) -> dict:
     init_checkpoint = None
     if args.init_from:
         init_checkpoint = tf.train.latest_checkpoint(os.path.join(args.init_from, "checkpoint"))
-        if init_checkpoint is None:
+        if init_checkpoint is None or not os.path.isfile(os.path.join(args.init_from, "args.json")):
             raise UsageError(
-                f"--init-from: {args.init_from} is not a run folder with a checkpoint/"
+                f"--init-from: {args.init_from} is not a run folder with args.json and "
+                "a checkpoint/"
             )
 
     tf.keras.utils.set_random_seed(args.seed)
@@ -632,7 +648,12 @@ def run(args, load_data) -> dict:
     else:
         if init_checkpoint:
             init_weights(
-                model, build_model(args, data.num_classes, data.input_shape), init_checkpoint
+                student,
+                build_model(args, data.num_classes, data.input_shape),
+                init_checkpoint,
+                distilled=bool(
+                    _load_json(os.path.join(args.init_from, "args.json")).get("teacher")
+                ),
             )
             print(f"initialized from {init_checkpoint}", flush=True)
         _write_json(os.path.join(directory, "args.json"), _json_args(args))
@@ -754,7 +775,7 @@ def evaluate_run(args, load_data) -> dict:
         raise UsageError(
             f"--evaluate: {args.evaluate} is not a run folder with args.json and checkpoint/"
         )
-    saved = argparse.Namespace(**{**vars(args), **_load_json(args_path)})
+    saved = argparse.Namespace(**{**vars(args), **_FLAG_ADDED_LATER, **_load_json(args_path)})
     saved.evaluate, saved.strategy, saved.logical_cpus = args.evaluate, "default", None
     for override in ("data_dir", "download", "test_limit", "batch_size_test", "export"):
         setattr(saved, override, getattr(args, override))

@@ -121,6 +121,7 @@ def build(
     input_shape=None,
     num_classes: int | None = None,
     a32: bool | None = None,
+    w32: bool = False,
     padding: str = "one",
     weight_scale: bool | None = None,
     sync_bn: bool = False,
@@ -132,6 +133,8 @@ def build(
     quantizer: an estimator name (`reste_larq.quantizers.estimators()`) or "float";
         None takes the model's own (reste; bireal for Bi-Real Net; wrn_sign for WRN).
     a32: real activations (1W/32A); None takes the model's default (True for WRN only).
+    w32: real weights with binary activations (32W/1A, ReActNet's first step; the
+        stage before 1W1A in `train.multistage`). Not for a model whose default is a32.
     padding: "one" (default: LCE's fast bit-packed path) or "zero" (the reference).
     weight_scale: mean |w| kernel scaling; None takes the model's default.
     sync_bn: synchronized BatchNorm across replicas (for tf.distribute training).
@@ -159,6 +162,7 @@ def build(
     spec = BinarySpec(
         quantizer=model_info.quantizer if quantizer is None else quantizer,
         a32=model_info.a32 if a32 is None else bool(a32),
+        w32=bool(w32),
         padding=padding,
         weight_scale=model_info.weight_scale if weight_scale is None else bool(weight_scale),
         kernel_initializer=model_info.kernel_initializer,

@@ -78,6 +78,7 @@ class BinarySpec:
     quantizer: estimator name (`reste_larq.quantizers.estimators()`), or "float" for
         the full-precision twin of the architecture.
     a32: keep activations real (1W/32A).
+    w32: keep weights real, activations binary (32W/1A: ReActNet's first step).
     padding: "one" pads the binarized input with +1 (LCE's fast path, bit-packed
         output); "zero" pads with 0 as the PyTorch reference does (LCE converts it with
         a correction pass). With a32 the input is real and is always zero-padded.
@@ -86,6 +87,7 @@ class BinarySpec:
 
     quantizer: str = "reste"
     a32: bool = False
+    w32: bool = False
     padding: str = "one"
     weight_scale: bool = True
     kernel_initializer: object = "he_normal"
@@ -98,6 +100,8 @@ class BinarySpec:
             raise ConfigError(
                 f"padding must be one of {', '.join(PADDINGS)} (got {self.padding!r})"
             )
+        if self.a32 and self.w32:
+            raise ConfigError("a32 and w32 together leave nothing binary; use quantizer 'float'")
 
     @property
     def binary(self) -> bool:
@@ -116,8 +120,8 @@ class BinarySpec:
         """A QuantConv2D with this spec's quantizers (fresh instances per layer)."""
         input_q = kernel_q = None
         if self.binary:
-            input_q, kernel_q = estimator_quantizers(self.quantizer, a32=self.a32)
-            if self.weight_scale:
+            input_q, kernel_q = estimator_quantizers(self.quantizer, a32=self.a32, w32=self.w32)
+            if self.weight_scale and kernel_q is not None:
                 kernel_q = MeanAbsScaled(kernel_q)
         one_pad = self.padding == "one" and input_q is not None
         return lq.layers.QuantConv2D(
@@ -129,7 +133,7 @@ class BinarySpec:
             input_quantizer=input_q,
             kernel_quantizer=kernel_q,
             kernel_initializer=self.initializer(),
-            kernel_constraint=self.kernel_constraint if self.binary else None,
+            kernel_constraint=self.kernel_constraint if kernel_q is not None else None,
             use_bias=False,
             name=name,
         )
