@@ -6,7 +6,8 @@
 
 A variant is an estimator name ("float": the full-precision twin) with options: +jit
 (`model.compile(jit_compile=True)`, the CLI's --jit-compile), +bf16 / +fp16 (Keras
-mixed precision, the CLI's --mixed-precision). Every model is compiled as the CLI
+mixed precision, the CLI's --mixed-precision), +kd (a `reste_larq.distill.Distiller`
+with the float twin as its teacher: the cost of `--teacher`). Every model is compiled as the CLI
 compiles it: PyTorch-form SGD (momentum 0.9, coupled weight decay 1e-4).
 
 All estimators run in one process, each model compiled and warmed up first (tracing
@@ -34,7 +35,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from reste_larq import models, training  # noqa: E402
+from reste_larq import distill, models, training  # noqa: E402
 
 DEFAULT_ESTIMATORS = ["ste", "reste", "bnnpp", "binary_connect", "bnn+", "approx_sign"]
 POLICIES = {"bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
@@ -44,7 +45,7 @@ def split_variant(variant):
     """ "reste+jit+bf16" -> ("reste", ["jit", "bf16"]); "bnn+" keeps its own "+"."""
     options = []
     while True:
-        for option in ("jit", *POLICIES):
+        for option in ("jit", "kd", *POLICIES):
             if variant.endswith("+" + option):
                 options.insert(0, option)
                 variant = variant[: -len(option) - 1]
@@ -59,6 +60,9 @@ def make_model(variant, model_name):
     tf.keras.mixed_precision.set_global_policy(policy)
     try:
         model = models.build(model_name, quantizer=estimator)
+        if "kd" in options:  # the teacher's weights do not matter for the cost
+            teacher = models.build(model_name, quantizer="float")
+            model = distill.Distiller(model, teacher, alpha=1.0, temperature=1.0)
         model.compile(
             optimizer=training.TorchSGD(0.1, momentum=0.9, coupled_weight_decay=1e-4),
             loss=training.sparse_cross_entropy(10),
