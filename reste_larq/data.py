@@ -357,16 +357,21 @@ def eval_dataset(images, labels, ds: DatasetInfo, batch_size: int) -> tf.data.Da
 
 
 # ------------------------------------------------------------------------ ImageNet
-def imagenet_dataset(
-    split: str,
-    data_dir: str | None,
-    batch_size: int,
-    training: bool,
-    seed: int = 0,
-    download: bool = False,
-) -> tf.data.Dataset:
-    """ImageNet from TFDS (prepared in data_dir). Train: random-resized crop
-    (area 8%-100%) + flip; eval: resize short side to 256, center crop 224."""
+# PCA lighting (AlexNet; fb.resnet.torch and the BNN-tricks collection's `Lighting`):
+# ImageNet's RGB eigenvalues and eigenvectors (columns) on [0, 1] pixels.
+IMAGENET_EIGVAL = (0.2175, 0.0188, 0.0045)
+IMAGENET_EIGVEC = (
+    (-0.5675, 0.7192, 0.4009),
+    (-0.5808, -0.0045, -0.8140),
+    (-0.5836, -0.6948, 0.4203),
+)
+IMAGENET_SHUFFLE_BUFFER = 10_000
+
+
+def _load_imagenet(split, data_dir, download, limit):
+    """The split as (encoded JPEG, label) in file order: decoding waits until after
+    shuffling, so the shuffle buffer holds compressed bytes (~110 KB an image), not
+    decoded ones (~500 KB)."""
     import tensorflow_datasets as tfds
 
     ds = info("imagenet2012")
@@ -376,37 +381,161 @@ def imagenet_dataset(
             split=split,
             data_dir=data_dir,
             as_supervised=True,
-            shuffle_files=training,
+            shuffle_files=False,  # the order is ours: a function of (seed, epoch)
             download=download,
+            decoders={"image": tfds.decode.SkipDecoding()},
         )
     except Exception as error:
         raise DataNotFoundError(
             f"imagenet2012 ({split}) not available: {type(error).__name__}; "
             f"{_offline_help(ds, data_dir)}"
         ) from None
+    if limit:
+        data = data.take(limit)
+    options = tf.data.Options()
+    options.deterministic = True
+    return data.with_options(options)
 
-    def train_map(image, label):
-        begin, size, _ = tf.image.sample_distorted_bounding_box(
-            tf.shape(image),
-            tf.zeros([0, 0, 4]),
-            area_range=(0.08, 1.0),
-            aspect_ratio_range=(3 / 4, 4 / 3),
-            use_image_if_no_bounding_boxes=True,
+
+def color_jitter(image, seed, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1):
+    """torchvision's ColorJitter on an RGB image in [0, 1]: brightness, contrast and
+    saturation factors uniform in [1 - s, 1 + s], a hue shift uniform in [-hue, hue];
+    applied in that fixed order (torchvision shuffles the order), clipped to [0, 1]
+    after each step as torchvision does."""
+    factors = tf.random.stateless_uniform([4], seed, -1.0, 1.0)
+    gray_weights = tf.constant([0.299, 0.587, 0.114])
+
+    def gray(x):
+        return tf.reduce_sum(x * gray_weights, axis=-1, keepdims=True)
+
+    image = tf.clip_by_value(image * (1.0 + brightness * factors[0]), 0.0, 1.0)
+    mean = tf.reduce_mean(gray(image))
+    image = tf.clip_by_value((image - mean) * (1.0 + contrast * factors[1]) + mean, 0.0, 1.0)
+    g = gray(image)
+    image = tf.clip_by_value((image - g) * (1.0 + saturation * factors[2]) + g, 0.0, 1.0)
+    return tf.clip_by_value(tf.image.adjust_hue(image, hue * factors[3]), 0.0, 1.0)
+
+
+def pca_lighting(image, seed, alphastd=0.1):
+    """AlexNet's PCA lighting noise: add eigvec @ (alpha * eigval) to every pixel,
+    alpha ~ N(0, alphastd) per component (image in [0, 1], before normalization)."""
+    alpha = tf.random.stateless_normal([3], seed, stddev=alphastd)
+    rgb = tf.linalg.matvec(tf.constant(IMAGENET_EIGVEC), alpha * tf.constant(IMAGENET_EIGVAL))
+    return image + rgb
+
+
+def _imagenet_train_image(encoded, seed, jitter, lighting):
+    """Random-resized crop (area 8%-100%, aspect 3/4-4/3) decoded straight from the
+    JPEG's crop window, resize 224, flip; all random draws stateless in `seed`."""
+    seeds = tf.random.experimental.stateless_split(seed, 4)
+    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        tf.image.extract_jpeg_shape(encoded),
+        tf.zeros([1, 0, 4]),
+        seed=seeds[0],
+        area_range=(0.08, 1.0),
+        aspect_ratio_range=(3 / 4, 4 / 3),
+        max_attempts=10,
+        use_image_if_no_bounding_boxes=True,
+    )
+    window = tf.stack([begin[0], begin[1], size[0], size[1]])
+    image = tf.image.decode_and_crop_jpeg(encoded, window, channels=3)
+    image = tf.image.resize(image, (224, 224)) / 255.0
+    image = tf.image.stateless_random_flip_left_right(image, seeds[1])
+    if jitter:
+        image = color_jitter(image, seeds[2])
+    if lighting:
+        image = pca_lighting(image, seeds[3])
+    return image
+
+
+def _imagenet_eval_image(encoded):
+    """Resize the short side to 256, center crop 224."""
+    image = tf.image.decode_jpeg(encoded, channels=3)
+    shape = tf.cast(tf.shape(image)[:2], tf.float32)
+    scale = 256.0 / tf.reduce_min(shape)
+    image = tf.image.resize(image, tf.cast(tf.round(shape * scale), tf.int32))
+    return tf.image.resize_with_crop_or_pad(image, 224, 224) / 255.0
+
+
+def _normalize01(image, ds):
+    return (image - tf.constant(ds.mean)) / tf.constant(ds.std)
+
+
+def imagenet_train_dataset(
+    data_dir: str | None,
+    batch_size: int,
+    seed: int,
+    first_epoch: int,
+    epochs: int,
+    *,
+    download: bool = False,
+    limit: int | None = None,
+    shuffle_buffer: int = IMAGENET_SHUFFLE_BUFFER,
+    color_jitter: bool = False,
+    lighting: bool = False,
+) -> tuple[tf.data.Dataset, int]:
+    """(batches of epochs [first_epoch, epochs), steps per epoch) of ImageNet's train
+    split from TFDS (prepared in data_dir).
+
+    Epoch e's order (a `shuffle_buffer` shuffle of the file order seeded by (seed, e))
+    and its crops, flips, jitter and lighting (stateless, seeded by (seed, e, position))
+    depend only on (seed, e): a resumed run sees the batches an uninterrupted one sees.
+    JPEGs are decoded after the shuffle, and only their crop window.
+    """
+    ds = info("imagenet2012")
+    data = _load_imagenet("train", data_dir, download, limit)
+    n = int(data.cardinality())
+    if n <= 0:
+        raise DataNotFoundError(
+            f"imagenet2012 (train) in {data_dir or 'TFDS'} has no examples or an unknown count"
         )
-        image = tf.image.resize(tf.slice(image, begin, size), (224, 224))
-        return normalize(tf.image.random_flip_left_right(image), ds), label
+    seed = tf.cast(seed, tf.int64)
 
-    def eval_map(image, label):
-        shape = tf.cast(tf.shape(image)[:2], tf.float32)
-        scale = 256.0 / tf.reduce_min(shape)
-        image = tf.image.resize(image, tf.cast(tf.round(shape * scale), tf.int32))
-        image = tf.image.resize_with_crop_or_pad(image, 224, 224)
-        return normalize(image, ds), label
+    def one_epoch(epoch):
+        epoch_seed = seed * 1000003 + epoch
+        # Inside this traced function set_seed sets only its graph's seed (the process's
+        # global seed is untouched): the shuffle's seed pair is then (1, epoch_seed),
+        # a function of (seed, epoch) alone. (With the graph seed left to a global seed
+        # of 0, Dataset.shuffle cannot take a tensor seed at all.)
+        tf.random.set_seed(1)
+        return (
+            data.shuffle(shuffle_buffer, seed=epoch_seed, reshuffle_each_iteration=False)
+            .enumerate()
+            .map(
+                lambda i, example: (
+                    _normalize01(
+                        _imagenet_train_image(
+                            example[0], tf.stack([epoch_seed, i]), color_jitter, lighting
+                        ),
+                        ds,
+                    ),
+                    example[1],
+                ),
+                num_parallel_calls=tf.data.AUTOTUNE,
+                deterministic=True,
+            )
+            .batch(batch_size)
+        )
 
-    if training:
-        data = data.shuffle(10_000, seed=seed)
-    return (
-        data.map(train_map if training else eval_map, num_parallel_calls=tf.data.AUTOTUNE)
+    train = tf.data.Dataset.range(first_epoch, epochs).flat_map(one_epoch)
+    return train.prefetch(tf.data.AUTOTUNE), -(-n // batch_size)
+
+
+def imagenet_eval_dataset(
+    data_dir: str | None,
+    batch_size: int,
+    *,
+    download: bool = False,
+    limit: int | None = None,
+) -> tf.data.Dataset:
+    """ImageNet's validation split: resize 256, center crop 224, normalized."""
+    ds = info("imagenet2012")
+    data = _load_imagenet("validation", data_dir, download, limit)
+    return without_autotune(
+        data.map(
+            lambda image, label: (_normalize01(_imagenet_eval_image(image), ds), label),
+            num_parallel_calls=os.cpu_count() or 1,
+        )
         .batch(batch_size)
-        .prefetch(tf.data.AUTOTUNE)
+        .prefetch(2)
     )

@@ -140,10 +140,18 @@ def topk_accuracy(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
     return float(100.0 * np.mean(np.any(topk == labels[:, None], axis=-1)))
 
 
-def evaluate_tflite(flatbuffer: bytes, dataset: tf.data.Dataset, num_threads: int = 1):
-    """(top1, top5) in percent of the converted model over a batched (image, label)
-    dataset, with LCE's interpreter."""
-    it = interpreter(flatbuffer, num_threads)
+def tflite_predictions(
+    flatbuffer: bytes,
+    dataset: tf.data.Dataset,
+    num_threads: int | None = None,
+    limit: int | None = None,
+):
+    """(logits, labels) of the converted model over a batched (image, label) dataset,
+    with LCE's interpreter on `num_threads` threads (default: every core), for the
+    first `limit` images (default: all)."""
+    it = interpreter(flatbuffer, num_threads or os.cpu_count() or 1)
+    if limit:
+        dataset = dataset.unbatch().take(limit).batch(64)
     all_logits, all_labels = [], []
     for images, labels in dataset.as_numpy_iterator():
         all_logits.append(np.asarray(it.predict(images.astype(np.float32))))
@@ -151,7 +159,17 @@ def evaluate_tflite(flatbuffer: bytes, dataset: tf.data.Dataset, num_threads: in
     if not all_logits:
         raise ConfigError("the evaluation dataset is empty")
     logits = np.concatenate(all_logits).reshape(-1, all_logits[0].shape[-1])
-    labels = np.concatenate(all_labels)
+    return logits, np.concatenate(all_labels)
+
+
+def evaluate_tflite(
+    flatbuffer: bytes,
+    dataset: tf.data.Dataset,
+    num_threads: int | None = None,
+    limit: int | None = None,
+):
+    """(top1, top5) in percent of the converted model (see `tflite_predictions`)."""
+    logits, labels = tflite_predictions(flatbuffer, dataset, num_threads, limit)
     return topk_accuracy(logits, labels, 1), topk_accuracy(logits, labels, 5)
 
 

@@ -647,3 +647,21 @@ def test_bad_teacher_is_a_one_line_error(cifar_dir, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and message in err[0], err
         assert not os.path.exists(tmp_path / "r")
+
+
+def test_export_eval_limit_bounds_the_tflite_evaluation(cifar_dir, tmp_path):
+    """--export-eval-limit: the .tflite is evaluated on the first N test images (the
+    number is in metrics.json); Keras top-1 stays on the whole test set."""
+    argv = ["--data-dir", cifar_dir, "--results-dir", tmp_path, *QUICK, "--name", "r"]
+    assert run_cli(*argv, "--export-eval-limit", "5") == 0
+    m = read_metrics(str(tmp_path / "r"))
+    assert m["tflite_eval_images"] == 5
+    assert m["tflite_test_top1"] in {100.0 * k / 5 for k in range(6)}
+    # Keras on the whole 16-image test set, checked against the saved weights
+    from reste_larq import data, models
+
+    model = models.build("resnet20_1w1a")
+    model.load_weights(os.path.join(tmp_path, "r", "final.weights.h5"))
+    images, labels = data.load_arrays("cifar10", "test", cifar_dir, download=False)
+    logits = model(data.normalize(images, data.info("cifar10")), training=False).numpy()
+    assert m["test_top1"] == pytest.approx(100.0 * np.mean(logits.argmax(-1) == labels), abs=1e-3)

@@ -1,8 +1,10 @@
 """`python -m train.imagenet`: clear error without data; end to end on mock data (slow)."""
 
+import csv
 import json
 import os
 
+import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
@@ -73,3 +75,61 @@ def test_imagenet_end_to_end_on_mock_data(tmp_path):
     with open(tmp_path / "mock" / "metrics.json") as f:
         metrics = json.load(f)
     assert metrics["tflite_lce_bconv2d"] == metrics["binary_convs"] == 16
+    assert metrics["tflite_eval_images"] == 2
+
+
+MOCK_RUN = [
+    "--model",
+    "birealnet18",
+    "--epochs",
+    "3",
+    "-b",
+    "2",
+    "--batch-size-test",
+    "2",
+    "--train-limit",
+    "4",
+    "--test-limit",
+    "2",
+    "--verbose",
+    "0",
+    "--no-download",
+    "--no-export",
+    "--shuffle-buffer",
+    "3",
+]
+
+
+@pytest.mark.slow
+def test_imagenet_resume_after_crash_ends_where_uninterrupted_run_ends(tmp_path, monkeypatch):
+    """As the CIFAR test: a run killed at the start of epoch 3 and resumed sees the
+    batches an uninterrupted run sees (order and crops are functions of seed, epoch)."""
+    from reste_larq import callbacks as cb
+    from tests.test_train import Killed
+
+    common = [*MOCK_RUN, "--results-dir", str(tmp_path)]
+    with tfds.testing.mock_data(num_examples=6):
+        assert imagenet.main([*common, "--name", "straight"]) == 0
+        original = cb.LearningRateSchedule.on_epoch_begin
+
+        def crash(self, epoch, logs=None):
+            if epoch == 2:
+                raise Killed("simulated kill")
+            original(self, epoch, logs)
+
+        monkeypatch.setattr(cb.LearningRateSchedule, "on_epoch_begin", crash)
+        with pytest.raises(Killed):
+            imagenet.main([*common, "--name", "crashed"])
+        monkeypatch.setattr(cb.LearningRateSchedule, "on_epoch_begin", original)
+        assert imagenet.main([*common, "--name", "crashed", "--resume"]) == 0
+
+    def losses(name):
+        with open(tmp_path / name / "history.csv") as f:
+            return [float(row["loss"]) for row in csv.DictReader(f)]
+
+    straight, resumed = losses("straight"), losses("crashed")
+    assert len(straight) == len(resumed) == 3
+    np.testing.assert_allclose(straight, resumed, rtol=1e-4)
+    m1 = json.loads((tmp_path / "straight" / "metrics.json").read_text())
+    m2 = json.loads((tmp_path / "crashed" / "metrics.json").read_text())
+    assert m1["test_top1"] == m2["test_top1"]

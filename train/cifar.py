@@ -44,8 +44,13 @@ def load_data(args, train: bool = True) -> common.Data:
         )
 
     batch = min(args.batch_size, len(train_x))
-    indicator_batch = (data.normalize(train_x[:batch], info), train_y[:batch])
-    return common.Data(info.num_classes, train_x.shape[1:], eval_ds, make_train, indicator_batch)
+    return common.Data(
+        info.num_classes,
+        train_x.shape[1:],
+        eval_ds,
+        make_train,
+        lambda: (data.normalize(train_x[:batch], info), train_y[:batch]),
+    )
 
 
 def build_parser():

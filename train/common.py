@@ -294,6 +294,16 @@ def parser(description, *, prog, models, datasets, defaults):
 
     g = p.add_argument_group("export")
     g.add_argument(
+        "--export-eval-limit",
+        type=_positive_int,
+        default=defaults.get("export_eval_limit"),
+        metavar="N",
+        help="evaluate the .tflite on the first N test images (LCE's x86 reference kernels "
+        "are slow; Keras top-1 always uses the whole test set) (default: "
+        + (str(defaults["export_eval_limit"]) if defaults.get("export_eval_limit") else "all")
+        + ")",
+    )
+    g.add_argument(
         "--export",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -362,6 +372,9 @@ RUN_DEFINING_FLAGS = (
     "a32",
     "w32",
     "padding",
+    "color_jitter",
+    "lighting",
+    "shuffle_buffer",
     "label_smoothing",
     "seed",
     "train_limit",
@@ -392,6 +405,9 @@ _FLAG_ADDED_LATER = {
     "distill_weight": 1.0,
     "distill_temperature": 1.0,
     "w32": False,
+    "color_jitter": False,
+    "lighting": False,
+    "shuffle_buffer": 10_000,
 }
 
 
@@ -401,7 +417,7 @@ def _check_resume_args(args, saved):
     changed = [
         f"--{k.replace('_', '-')} {getattr(args, k)} (run has {saved.get(k)})"
         for k in RUN_DEFINING_FLAGS
-        if saved.get(k) != getattr(args, k)
+        if hasattr(args, k) and saved.get(k) != getattr(args, k)
     ]
     if changed:
         raise UsageError("--resume with different settings: " + ", ".join(changed))
@@ -664,7 +680,7 @@ def run(args, load_data) -> dict:
         learning_rate_schedule(args),
     ]
     if args.indicators:
-        callbacks.append(cb.Indicators(data.indicator_batch, o=args.o_end))
+        callbacks.append(cb.Indicators(data.indicator_batch(), o=args.o_end))
     callbacks += [
         EpochState(ckpt_dir, checkpoint, epoch_var, best),
         tf.keras.callbacks.CSVLogger(os.path.join(directory, "history.csv"), append=args.resume),
@@ -706,7 +722,7 @@ def run(args, load_data) -> dict:
         if os.path.isfile(teacher_metrics):
             metrics["teacher_test_top1"] = _load_json(teacher_metrics).get("test_top1")
     if args.export:  # the student alone
-        metrics.update(_export(student, data, directory))
+        metrics.update(_export(student, data, directory, args.export_eval_limit))
     if args.export_packed:
         metrics.update(_export_packed(student, directory))
     _write_json(metrics_path, metrics)
@@ -730,17 +746,18 @@ def _final_metrics(args, model, data, schedule):
     }
 
 
-def _export(model, data, directory=None):
+def _export(model, data, directory=None, eval_limit=None):
     """Convert with LCE, evaluate the flatbuffer with LCE's interpreter, and (with a
     run directory) write model.tflite."""
     flatbuffer = export.convert(model)
     if directory:
         export.write_atomic(os.path.join(directory, "model.tflite"), flatbuffer)
     ops = export.op_counts(flatbuffer)
-    top1, top5 = export.evaluate_tflite(flatbuffer, data.eval_ds)
+    logits, labels = export.tflite_predictions(flatbuffer, data.eval_ds, limit=eval_limit)
     return {
-        "tflite_test_top1": round(top1, 4),
-        "tflite_test_top5": round(top5, 4),
+        "tflite_eval_images": len(labels),
+        "tflite_test_top1": round(export.topk_accuracy(logits, labels, 1), 4),
+        "tflite_test_top5": round(export.topk_accuracy(logits, labels, 5), 4),
         "tflite_bytes": len(flatbuffer),
         "tflite_lce_bconv2d": ops.get("LceBconv2d", 0),
         "binary_convs": export.count_binary_convs(model),
@@ -777,7 +794,14 @@ def evaluate_run(args, load_data) -> dict:
         )
     saved = argparse.Namespace(**{**vars(args), **_FLAG_ADDED_LATER, **_load_json(args_path)})
     saved.evaluate, saved.strategy, saved.logical_cpus = args.evaluate, "default", None
-    for override in ("data_dir", "download", "test_limit", "batch_size_test", "export"):
+    for override in (
+        "data_dir",
+        "download",
+        "test_limit",
+        "batch_size_test",
+        "export",
+        "export_eval_limit",
+    ):
         setattr(saved, override, getattr(args, override))
     data = load_data(saved, train=False)
     model = build_model(saved, data.num_classes, data.input_shape)
@@ -796,7 +820,7 @@ def evaluate_run(args, load_data) -> dict:
     else:
         metrics["evaluated_epoch"] = int(epoch_var.numpy())
     if args.export:
-        metrics.update(_export(model, data))
+        metrics.update(_export(model, data, eval_limit=args.export_eval_limit))
     print(json.dumps({k: metrics[k] for k in metrics if k != "args"}, indent=1), flush=True)
     return metrics
 
@@ -821,5 +845,5 @@ class Data:
         self.num_classes = num_classes
         self.input_shape = tuple(input_shape)
         self.eval_ds = eval_ds
-        self.make_train = make_train  # first_epoch -> (dataset, steps_per_epoch or None)
-        self.indicator_batch = indicator_batch
+        self.make_train = make_train  # first_epoch -> (dataset, steps_per_epoch)
+        self.indicator_batch = indicator_batch  # () -> (images, labels), called if needed
