@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -272,6 +275,13 @@ def parser(description, *, prog, models, datasets, defaults):
     )
     g.add_argument("--resume", action="store_true", help="continue the run in --results-dir/--name")
     g.add_argument(
+        "--auto-resume",
+        action="store_true",
+        help="continue the run if its folder holds a checkpoint, else start it: one "
+        "command for a job that is restarted as it is (each worker of --strategy "
+        "multi_worker)",
+    )
+    g.add_argument(
         "--evaluate",
         metavar="RUN_DIR",
         default=None,
@@ -424,6 +434,80 @@ def _check_resume_args(args, saved):
 
 
 # ------------------------------------------------------------------------- pieces
+def _check_run_folder(args, directory) -> bool:
+    """Whether the run resumes (from the folder's checkpoint) or starts; a UsageError
+    when the folder does not allow what the flags ask. Writes nothing."""
+    ckpt_dir = os.path.join(directory, "checkpoint")
+    has_checkpoint = os.path.isdir(ckpt_dir) and tf.train.latest_checkpoint(ckpt_dir) is not None
+    if args.resume or (args.auto_resume and has_checkpoint):
+        if not has_checkpoint:
+            raise UsageError(
+                f"--resume: no checkpoint in {ckpt_dir}; start the run without --resume"
+            )
+        _check_resume_args(args, _load_json(os.path.join(directory, "args.json")))
+        return True
+    if args.auto_resume and os.path.isfile(os.path.join(directory, "metrics.json")):
+        raise UsageError(f"{directory} holds a finished run (metrics.json)")
+    if os.path.exists(directory) and os.listdir(directory) and not args.auto_resume:
+        raise UsageError(
+            f"{directory} already holds a run; pass --resume to continue it, or "
+            "--name/--results-dir for a new one"
+        )
+    return False
+
+
+def worker_task():
+    """(is_chief, name) of this process from TF_CONFIG: the chief is the task of type
+    "chief", else worker 0 (TensorFlow's convention); a single process is the chief."""
+    try:
+        config = json.loads(os.environ.get("TF_CONFIG") or "{}")
+    except json.JSONDecodeError as error:
+        raise UsageError(f"TF_CONFIG is not JSON: {error}") from None
+    task = config.get("task") or {}
+    kind, index = task.get("type", "chief"), int(task.get("index", 0))
+    chief = kind == "chief" or (
+        kind == "worker" and index == 0 and "chief" not in config.get("cluster", {})
+    )
+    return chief, f"{kind}{index}"
+
+
+def _workers_agree(strategy, error, resume):
+    """A barrier before anything is written: every worker brings its verdict on the run
+    folder (refuse, start, resume) and all go on only if all verdicts are the same."""
+    verdict = 0 if error else 1 + int(resume)  # refuse, start, resume
+    counts = _sum_over_workers(strategy, tf.one_hot(verdict, 3))
+    if error:
+        raise error
+    if counts[verdict] != counts.sum():
+        raise UsageError(
+            "the workers disagree on the run folder (another worker refused it, or they "
+            "see different files); every worker must see the same --results-dir on a "
+            "shared file system"
+        )
+
+
+def _sum_over_workers(strategy, value):
+    """All-reduce (sum) a small tensor over every replica: a barrier that carries data."""
+
+    @tf.function
+    def reduce():
+        def replica_fn():
+            context = tf.distribute.get_replica_context()
+            return context.all_reduce(tf.distribute.ReduceOp.SUM, tf.identity(value))
+
+        return strategy.run(replica_fn)
+
+    return strategy.experimental_local_results(reduce())[0].numpy()
+
+
+def weights_digest(model) -> str:
+    """sha256 of every weight's bytes: equal digests, bit-identical models."""
+    digest = hashlib.sha256()
+    for w in model.get_weights():
+        digest.update(np.ascontiguousarray(w).tobytes())
+    return digest.hexdigest()
+
+
 def make_strategy(args):
     if args.logical_cpus:
         cpu = tf.config.list_physical_devices("CPU")[0]
@@ -610,19 +694,15 @@ def run(args, load_data) -> dict:
         return evaluate_run(args, load_data)
 
     directory = run_dir(args)
-    ckpt_dir = os.path.join(directory, "checkpoint")
-    metrics_path = os.path.join(directory, "metrics.json")
-    if args.resume:
-        if not os.path.isdir(ckpt_dir) or tf.train.latest_checkpoint(ckpt_dir) is None:
-            raise UsageError(
-                f"--resume: no checkpoint in {ckpt_dir}; start the run without --resume"
-            )
-        _check_resume_args(args, _load_json(os.path.join(directory, "args.json")))
-    elif os.path.exists(directory) and os.listdir(directory):
-        raise UsageError(
-            f"{directory} already holds a run; pass --resume to continue it, or "
-            "--name/--results-dir for a new one"
-        )
+    # The run folder's checks write nothing: with several workers they must all decide
+    # the same (start, resume, or refuse) before the chief writes anything.
+    folder_error = None
+    try:
+        args.resume = _check_run_folder(args, directory)
+    except UsageError as error:
+        folder_error = error
+    if args.strategy != "multi_worker" and folder_error:
+        raise folder_error
     teacher_args = teacher_run(args)
     init_checkpoint = None
     if args.init_from:
@@ -638,8 +718,26 @@ def run(args, load_data) -> dict:
     # compiles with dynamic loss scaling: Keras wraps the optimizer).
     tf.keras.mixed_precision.set_global_policy(PRECISION_POLICIES[args.mixed_precision])
     strategy = make_strategy(args)
+    if args.strategy == "multi_worker":
+        _workers_agree(strategy, folder_error, args.resume)
+    chief, task = worker_task()
+    # Only the chief writes the run folder; other workers write to a temporary folder
+    # of their own and delete it at the end (Keras' multi-worker guide).
+    out = directory if chief else tempfile.mkdtemp(prefix=f"reste_larq_{task}_")
+    try:
+        return _train(args, load_data, strategy, directory, out, teacher_args, init_checkpoint)
+    finally:
+        if not chief:
+            shutil.rmtree(out, ignore_errors=True)
+
+
+def _train(args, load_data, strategy, directory, out, teacher_args, init_checkpoint):
+    """Train as `run` prepared: read the run's state from `directory` (the chief's run
+    folder), write this worker's files to `out`."""
+    chief = out == directory
+    ckpt_dir = os.path.join(directory, "checkpoint")
     data = load_data(args)
-    os.makedirs(directory, exist_ok=True)
+    os.makedirs(out, exist_ok=True)
     with strategy.scope():
         model = build_model(args, data.num_classes, data.input_shape)
         student = model
@@ -672,7 +770,7 @@ def run(args, load_data) -> dict:
                 ),
             )
             print(f"initialized from {init_checkpoint}", flush=True)
-        _write_json(os.path.join(directory, "args.json"), _json_args(args))
+        _write_json(os.path.join(out, "args.json"), _json_args(args))
 
     schedule = estimator_schedule(args)
     callbacks = [
@@ -682,13 +780,13 @@ def run(args, load_data) -> dict:
     if args.indicators:
         callbacks.append(cb.Indicators(data.indicator_batch(), o=args.o_end))
     callbacks += [
-        EpochState(ckpt_dir, checkpoint, epoch_var, best),
-        tf.keras.callbacks.CSVLogger(os.path.join(directory, "history.csv"), append=args.resume),
+        EpochState(os.path.join(out, "checkpoint"), checkpoint, epoch_var, best),
+        tf.keras.callbacks.CSVLogger(os.path.join(out, "history.csv"), append=args.resume),
         tf.keras.callbacks.TensorBoard(
-            os.path.join(directory, "logs"), write_graph=False, profile_batch=0
+            os.path.join(out, "logs"), write_graph=False, profile_batch=0
         ),
         tf.keras.callbacks.ModelCheckpoint(
-            os.path.join(directory, "best.weights.h5"),
+            os.path.join(out, "best.weights.h5"),
             monitor="val_accuracy",
             mode="max",
             save_best_only=True,
@@ -712,7 +810,24 @@ def run(args, load_data) -> dict:
         )
     if model.stop_training:  # only TerminateOnNaN stops a run early
         raise UsageError(f"training diverged (NaN loss); see {directory}/history.csv")
-    student.save_weights(os.path.join(directory, "final.weights.h5"))
+    if args.strategy != "default":
+        # Evaluate and export a one-device twin: synchronized BatchNorm would run
+        # collectives (every worker) even in inference.
+        twin = build_model(
+            argparse.Namespace(**{**vars(args), "strategy": "default"}),
+            data.num_classes,
+            data.input_shape,
+        )
+        twin.set_weights(student.get_weights())
+        student = twin
+    student.save_weights(os.path.join(out, "final.weights.h5"))
+    print(f"final weights sha256: {weights_digest(student)}", flush=True)
+    if not chief:
+        # The chief evaluates, exports and writes metrics.json. Wait for it: a worker
+        # that exits first fails the chief's coordination service (heartbeat timeout).
+        if args.strategy == "multi_worker":
+            _sum_over_workers(strategy, tf.ones([1]))
+        return {}
     metrics = _final_metrics(args, student, data, schedule)
     metrics.update(best)
     metrics["train_seconds"] = round(time.time() - started, 1)
@@ -725,8 +840,10 @@ def run(args, load_data) -> dict:
         metrics.update(_export(student, data, directory, args.export_eval_limit))
     if args.export_packed:
         metrics.update(_export_packed(student, directory))
-    _write_json(metrics_path, metrics)
+    _write_json(os.path.join(directory, "metrics.json"), metrics)
     print(json.dumps({k: metrics[k] for k in metrics if k != "args"}, indent=1), flush=True)
+    if args.strategy == "multi_worker":
+        _sum_over_workers(strategy, tf.ones([1]))  # release the other workers
     return metrics
 
 

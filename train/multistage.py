@@ -124,7 +124,7 @@ def run(args) -> list[dict]:
     settings = {
         k: v
         for k, v in sorted(vars(args).items())
-        if k not in ("verbose", "name", "results_dir", "resume")
+        if k not in ("verbose", "name", "results_dir", "resume", "auto_resume")
     }
     state_path = os.path.join(folder, STATE_FILE)
     if os.path.exists(state_path):

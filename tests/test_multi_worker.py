@@ -1,0 +1,161 @@
+"""`--strategy multi_worker` with two real worker processes on this machine (TF_CONFIG,
+two 127.0.0.1 ports): one run folder written by the chief alone, equal weights on both
+workers, and a run whose worker is killed continues after the workers restart."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.test_data import write_cifar10
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DIGEST = "final weights sha256: "
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cifar_mw")
+    write_cifar10(str(root), n_per_batch=64)  # 320 train, 64 test images
+    return str(root)
+
+
+def free_ports(n):
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def start_workers(argv, logs, tmpdir):
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in free_ports(2)]}
+    procs = []
+    for i in range(2):
+        env = {
+            **os.environ,
+            "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}}),
+            "TF_CPP_MIN_LOG_LEVEL": "2",
+            "TMPDIR": str(tmpdir),
+        }
+        log = open(logs / f"worker{i}.log", "a")
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "train.cifar", *map(str, argv)],
+                cwd=ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        )
+        log.close()
+    return procs
+
+
+def wait(procs, timeout):
+    deadline = time.time() + timeout
+    codes = []
+    for p in procs:
+        try:
+            codes.append(p.wait(max(1.0, deadline - time.time())))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail(f"workers still running after {timeout} s")
+    return codes
+
+
+def digests(logs):
+    found = []
+    for i in range(2):
+        lines = (logs / f"worker{i}.log").read_text().splitlines()
+        found.append([l[len(DIGEST) :] for l in lines if l.startswith(DIGEST)][-1])
+    return found
+
+
+def run_argv(data_dir, results, name, epochs, *extra):
+    return [
+        "--strategy",
+        "multi_worker",
+        "--data-dir",
+        data_dir,
+        "--no-download",
+        "--results-dir",
+        results,
+        "--name",
+        name,
+        "--epochs",
+        epochs,
+        "-b",
+        "32",
+        "--batch-size-test",
+        "32",
+        "--verbose",
+        "2",
+        *extra,
+    ]
+
+
+def test_two_workers_write_one_run_folder_and_agree(data_dir, tmp_path):
+    results, logs, tmpdir = tmp_path / "results", tmp_path / "logs", tmp_path / "tmp"
+    logs.mkdir()
+    tmpdir.mkdir()
+    procs = start_workers(run_argv(data_dir, results, "mw", 2), logs, tmpdir)
+    codes = wait(procs, 300)
+    assert codes == [0, 0], [(logs / f"worker{i}.log").read_text()[-3000:] for i in range(2)]
+    assert os.listdir(results) == ["mw"]  # exactly one run folder
+    run = results / "mw"
+    for name in ("metrics.json", "model.tflite", "args.json", "history.csv", "final.weights.h5"):
+        assert (run / name).is_file(), name
+    assert not list(run.glob("**/workertemp*"))
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["tflite_lce_bconv2d"] == 18 and metrics["epochs"] == 2
+    a, b = digests(logs)
+    assert a == b  # both workers end with the same weights, bit for bit
+    assert os.listdir(tmpdir) == []  # worker 1's temporary folder is gone
+
+
+@pytest.mark.slow  # three two-worker runs: about 3 minutes
+def test_killed_worker_restarted_run_ends_as_uninterrupted(data_dir, tmp_path):
+    results, tmpdir = tmp_path / "results", tmp_path / "tmp"
+    tmpdir.mkdir()
+    straight_logs, crashed_logs = tmp_path / "straight", tmp_path / "crashed"
+    straight_logs.mkdir()
+    crashed_logs.mkdir()
+    extra = ["--no-export", "--auto-resume"]
+    assert wait(
+        start_workers(run_argv(data_dir, results, "straight", 4, *extra), straight_logs, tmpdir),
+        400,
+    ) == [0, 0]
+
+    argv = run_argv(data_dir, results, "crashed", 4, *extra)
+    procs = start_workers(argv, crashed_logs, tmpdir)
+    saved = results / "crashed" / "checkpoint" / "ckpt-2.index"
+    deadline = time.time() + 300
+    while not saved.exists() and time.time() < deadline and procs[1].poll() is None:
+        time.sleep(0.05)
+    assert saved.exists(), "epoch 2 was never saved"
+    procs[1].send_signal(signal.SIGKILL)  # worker 1 dies in epoch 3
+    try:  # the chief's collectives fail too (TensorFlow's model): stop it if it hangs
+        procs[0].wait(20)
+    except subprocess.TimeoutExpired:
+        procs[0].kill()
+        procs[0].wait()
+    assert not (results / "crashed" / "metrics.json").exists()
+
+    assert wait(start_workers(argv, crashed_logs, tmpdir), 400) == [0, 0]
+    for i in range(2):  # both workers restored epoch 2's checkpoint (or a later one)
+        log = (crashed_logs / f"worker{i}.log").read_text()
+        assert "at epoch 3/4" in log or "at epoch 4/4" in log, log[-2000:]
+    assert digests(crashed_logs) == digests(straight_logs)
+    assert (
+        json.loads((results / "crashed" / "metrics.json").read_text())["test_top1"]
+        == (json.loads((results / "straight" / "metrics.json").read_text())["test_top1"])
+    )
