@@ -18,6 +18,7 @@ model.fit(
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import numpy as np
@@ -26,6 +27,7 @@ import tensorflow as tf
 from reste_larq.errors import ConfigError
 from reste_larq.quantizers import (
     BNNpp,
+    MeanAbsScaled,
     ReSTE,
     reste_equivalent_forward,
     scheduled_quantizers,
@@ -223,6 +225,9 @@ class LearningRateSchedule(tf.keras.callbacks.Callback):
             logs["lr"] = self._lr
 
 
+FROZEN_THRESHOLD = 1e-3
+
+
 def binary_kernels(model: tf.keras.Model):
     """The latent (real-valued) kernels of every layer with a 1-bit kernel quantizer."""
     kernels = []
@@ -241,6 +246,54 @@ def estimating_error(model: tf.keras.Model, o: float) -> float:
         w = tf.reshape(w, [-1])
         total += float(tf.norm(reste_equivalent_forward(w, o) - tf.sign(w)))
     return total
+
+
+def estimator_derivatives(model: tf.keras.Model):
+    """[(layer name, d q(w)/dw)] for every 1-bit kernel quantizer: the estimator's
+    elementwise derivative at each latent weight (the sign estimator inside a
+    `MeanAbsScaled`, without the layer-wide scale)."""
+    out = []
+    for layer in model.submodules:
+        quantizer = getattr(layer, "kernel_quantizer", None)
+        if getattr(quantizer, "precision", None) != 1 or not hasattr(layer, "kernel"):
+            continue
+        if isinstance(quantizer, MeanAbsScaled):
+            quantizer = quantizer.quantizer
+        w = tf.convert_to_tensor(layer.kernel.latent_variable)
+        # the training-mode estimator (BNN++ is a plain sign in inference)
+        kwargs = (
+            {"training": True} if "training" in inspect.signature(quantizer.call).parameters else {}
+        )
+        with tf.GradientTape() as tape:
+            tape.watch(w)
+            q = quantizer(w, **kwargs)
+        out.append((layer.name, tape.gradient(q, w)))  # elementwise: the Jacobian diagonal
+    return out
+
+
+def frozen_fraction(model: tf.keras.Model, threshold: float = FROZEN_THRESHOLD) -> float:
+    """The fraction of latent binary-kernel weights whose estimator passes less than
+    `threshold` of the gradient (|d q(w)/dw| < threshold): weights the loss can no
+    longer move. STE freezes |w| > 1; BNN++'s SignSwish freezes mu |w| beyond its
+    useful range as mu grows; ReSTE freezes |w| > 1. NaN without binary kernels."""
+    frozen = total = 0
+    for _, derivative in estimator_derivatives(model):
+        frozen += int(tf.reduce_sum(tf.cast(tf.abs(derivative) < threshold, tf.int64)))
+        total += int(tf.size(derivative))
+    return frozen / total if total else float("nan")
+
+
+class FrozenFraction(tf.keras.callbacks.Callback):
+    """Logs `frozen_fraction` (see `frozen_fraction`) at the end of every epoch, so a
+    run whose estimator has frozen its weights shows it in history.csv."""
+
+    def __init__(self, threshold: float = FROZEN_THRESHOLD):
+        super().__init__()
+        self.threshold = threshold
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["frozen_fraction"] = frozen_fraction(self.model, self.threshold)
 
 
 class Indicators(tf.keras.callbacks.Callback):

@@ -107,6 +107,15 @@ def _is_binary(quantizer) -> bool:
     return getattr(quantizer, "precision", None) == 1
 
 
+def count_binary_kernels(model: tf.keras.Model) -> int:
+    """Layers with a 1-bit kernel quantizer (binary convs and 1W32A convs alike)."""
+    return sum(
+        1
+        for layer in model.submodules
+        if _is_binary(getattr(layer, "kernel_quantizer", None)) and hasattr(layer, "kernel")
+    )
+
+
 def count_binary_convs(model: tf.keras.Model) -> int:
     """QuantConv2D layers with binary inputs *and* kernels: each must become LceBconv2d."""
     return sum(

@@ -258,3 +258,37 @@ def test_sgdr_is_the_1bit_wrn_codes_schedule():
         for e in range(20)
     ]
     assert warm[:3] == pytest.approx([0.1 / 3, 0.2 / 3, 0.1]) and warm[3] == warm[7] == 0.1
+
+
+@pytest.mark.parametrize("quantizer", ["ste", "reste", "bnnpp"])
+def test_frozen_fraction_counts_weights_the_estimator_no_longer_moves(quantizer):
+    """Kernels set to a known spread; the frozen fraction against each estimator's
+    derivative written out here: STE passes nothing beyond |w| > 1, the ReSTE reference
+    nothing beyond |w| > 1.5, BNN++'s SignSwish mu (2 - mu w tanh(mu w / 2)) /
+    (1 + cosh(mu w)) falls below 1e-3 beyond mu |w| ~ 14."""
+    from reste_larq import models
+
+    model = models.build("resnet20_1w1a", quantizer=quantizer, input_shape=(8, 8, 3))
+    schedule = cb.EstimatorSchedule(10, mu_start=20.0, mu_end=200.0)
+    schedule.set_model(model)
+    schedule.on_epoch_begin(9)
+    values = []
+    for layer in model.layers:
+        if getattr(layer, "kernel_quantizer", None) is not None:
+            k = layer.kernel.latent_variable
+            v = np.random.default_rng(len(values)).uniform(-2.5, 2.5, k.shape).astype("float32")
+            k.assign(v)
+            values.append(v.ravel())
+    w = np.concatenate(values).astype(np.float64)
+    if quantizer == "ste":
+        expected = np.mean(np.abs(w) > 1)
+    elif quantizer == "reste":
+        expected = np.mean(np.abs(w) > 1.5)
+    else:
+        mu = schedule.mu_at(9)
+        with np.errstate(over="ignore"):
+            d = mu * (2 - mu * w * np.tanh(mu * w / 2)) / (1 + np.cosh(mu * w))
+        expected = np.mean(np.abs(d) < 1e-3)
+        assert 0.9 < expected < 1.0
+    assert cb.frozen_fraction(model) == pytest.approx(expected, abs=1e-3)
+    assert np.isnan(cb.frozen_fraction(models.build("resnet20_1w1a", quantizer="float")))

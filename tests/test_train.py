@@ -64,6 +64,14 @@ def check_outputs(run, quantizer="reste"):
     assert abs(m["tflite_test_top1"] - m["test_top1"]) <= 1.0
     assert m["tflite_lce_bconv2d"] == m["binary_convs"] == 18
     assert m["tflite_bytes"] == os.path.getsize(os.path.join(run, "model.tflite"))
+    # per epoch: the schedule's values and the frozen fraction, as history.csv has them
+    assert [e["epoch"] for e in m["per_epoch"]] == list(range(m["epochs"]))
+    for entry, row in zip(m["per_epoch"], history(run)):
+        assert 0.0 <= entry["frozen_fraction"] <= 1.0
+        assert entry["frozen_fraction"] == float(row["frozen_fraction"])
+        assert entry["lr"] == float(row["lr"])
+        if quantizer == "reste":
+            assert entry["o"] == float(row["o"])
     return m
 
 

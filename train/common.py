@@ -6,6 +6,7 @@ data -> model -> compile -> fit (callbacks) -> export (LCE) -> evaluate (Keras, 
 from __future__ import annotations
 
 import argparse
+import csv
 import datetime
 import hashlib
 import json
@@ -779,6 +780,8 @@ def _train(args, load_data, strategy, directory, out, teacher_args, init_checkpo
     ]
     if args.indicators:
         callbacks.append(cb.Indicators(data.indicator_batch(), o=args.o_end))
+    if export.count_binary_kernels(student):
+        callbacks.append(cb.FrozenFraction())
     callbacks += [
         EpochState(os.path.join(out, "checkpoint"), checkpoint, epoch_var, best),
         tf.keras.callbacks.CSVLogger(os.path.join(out, "history.csv"), append=args.resume),
@@ -830,6 +833,7 @@ def _train(args, load_data, strategy, directory, out, teacher_args, init_checkpo
         return {}
     metrics = _final_metrics(args, student, data, schedule)
     metrics.update(best)
+    metrics["per_epoch"] = _per_epoch(os.path.join(out, "history.csv"))
     metrics["train_seconds"] = round(time.time() - started, 1)
     if teacher_args is not None:
         teacher_metrics = os.path.join(args.teacher, "metrics.json")
@@ -845,6 +849,25 @@ def _train(args, load_data, strategy, directory, out, teacher_args, init_checkpo
     if args.strategy == "multi_worker":
         _sum_over_workers(strategy, tf.ones([1]))  # release the other workers
     return metrics
+
+
+PER_EPOCH_COLUMNS = ("epoch", "lr", "o", "mu", "frozen_fraction", "loss", "val_accuracy")
+
+
+def _per_epoch(history_csv):
+    """history.csv's schedule values and frozen fraction, one dict per epoch."""
+    if not os.path.isfile(history_csv):
+        return []
+    with open(history_csv) as f:
+        rows = list(csv.DictReader(f))
+    return [
+        {
+            k: (int(row[k]) if k == "epoch" else float(row[k]))
+            for k in PER_EPOCH_COLUMNS
+            if row.get(k)
+        }
+        for row in rows
+    ]
 
 
 def _final_metrics(args, model, data, schedule):
