@@ -65,6 +65,26 @@ DATASETS = {
     ),
 }
 SMALL_IMAGE_DATASETS = ("cifar10", "cifar100", "fashion_mnist", "mnist")
+# The 1-bit WRN code's normalization (szagoruyko/binary-wide-resnet): CIFAR-10's RGB
+# statistics, used there for CIFAR-10 and CIFAR-100 alike.
+WRN_MEAN = (125.3 / 255, 123.0 / 255, 113.9 / 255)
+WRN_STD = (63.0 / 255, 62.1 / 255, 66.7 / 255)
+MEAN_STD = ("dataset", "wrn")
+
+
+def with_mean_std(ds: "DatasetInfo", which: str) -> "DatasetInfo":
+    """`ds` normalized by its own statistics ("dataset", this project's default: the
+    ReSTE reference's for CIFAR) or by the 1-bit WRN code's ("wrn", RGB only)."""
+    if which == "dataset":
+        return ds
+    if which != "wrn":
+        raise ConfigError(f"mean/std must be one of {', '.join(MEAN_STD)} (got {which!r})")
+    if ds.image_shape[-1] != 3:
+        raise ConfigError(
+            f"the WRN mean/std are RGB statistics and {ds.name} is grayscale; "
+            "normalize it by its own (mean/std 'dataset', --mean-std dataset)"
+        )
+    return dataclasses.replace(ds, mean=WRN_MEAN, std=WRN_STD)
 
 
 def info(name: str) -> DatasetInfo:
@@ -300,10 +320,15 @@ def normalize(images, ds: DatasetInfo):
     return (images - tf.constant(ds.mean)) / tf.constant(ds.std)
 
 
-def _augment(image, seed, ds: DatasetInfo):
-    """Random crop with 4-pixel zero padding, and horizontal flip where label-safe."""
+PAD_MODES = ("zero", "reflect")
+
+
+def _augment(image, seed, ds: DatasetInfo, pad_mode="zero"):
+    """Random crop with 4-pixel padding (zero, or reflect as the 1-bit WRN code), and
+    horizontal flip where label-safe."""
     h, w, c = ds.image_shape[0], ds.image_shape[1], image.shape[-1]
-    padded = tf.pad(image, [[4, 4], [4, 4], [0, 0]])
+    mode = {"zero": "CONSTANT", "reflect": "REFLECT"}[pad_mode]
+    padded = tf.pad(image, [[4, 4], [4, 4], [0, 0]], mode=mode)
     image = tf.image.stateless_random_crop(padded, (h, w, c), seed=seed)
     if ds.flip:
         image = tf.image.stateless_random_flip_left_right(image, seed=seed[::-1])
@@ -311,10 +336,20 @@ def _augment(image, seed, ds: DatasetInfo):
 
 
 def train_dataset(
-    images, labels, ds: DatasetInfo, batch_size: int, seed: int, first_epoch: int, epochs: int
+    images,
+    labels,
+    ds: DatasetInfo,
+    batch_size: int,
+    seed: int,
+    first_epoch: int,
+    epochs: int,
+    pad_mode: str = "zero",
 ) -> tf.data.Dataset:
     """Batches of epochs [first_epoch, epochs): per-epoch permutation and augmentation
-    are pure functions of (seed, epoch, index), so a resumed run is the same run."""
+    are pure functions of (seed, epoch, index), so a resumed run is the same run.
+    pad_mode: the random crop's padding, "zero" (the ReSTE reference) or "reflect"."""
+    if pad_mode not in PAD_MODES:
+        raise ConfigError(f"pad_mode must be one of {', '.join(PAD_MODES)} (got {pad_mode!r})")
     n = len(images)
     images_t, labels_t = tf.constant(images), tf.constant(labels)
     num_batches = -(-n // batch_size)
@@ -324,7 +359,7 @@ def train_dataset(
             key = tf.stack([tf.cast(seed, tf.int64), epoch])
             j = tf.random.experimental.index_shuffle(i, key, n - 1)
             item_seed = tf.stack([tf.cast(seed, tf.int64) * 1000003 + epoch, i])
-            return _augment(images_t[j], item_seed, ds), labels_t[j]
+            return _augment(images_t[j], item_seed, ds, pad_mode), labels_t[j]
 
         return (
             tf.data.Dataset.range(n)

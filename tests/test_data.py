@@ -325,3 +325,36 @@ def test_damaged_idx_files_name_the_file_and_the_fault(tmp_path, kind):
         data.load_arrays("mnist", "test", str(tmp_path))
     text = str(error.value)
     assert blamed in text and message in text and "\n" not in text, text
+
+
+def test_reflect_padded_crops_hold_only_image_pixels():
+    """The 1-bit WRN code's crops pad by reflection: no crop of an image without zeros
+    contains a zero; zero padding does (for crops that reach the border)."""
+    ds = data.info("cifar10")
+    image = tf.constant(np.random.default_rng(0).integers(1, 256, (32, 32, 3)), tf.uint8)
+    seeds = [tf.constant([s, 1], tf.int64) for s in range(40)]
+    reflect = [data._augment(image, s, ds, "reflect").numpy() for s in seeds]
+    zero = [data._augment(image, s, ds, "zero").numpy() for s in seeds]
+    assert min(c.min() for c in reflect) > 0
+    assert sum((c == 0).all(axis=-1).any() for c in zero) > 20
+    # a crop with offset (0, 0) starts with the reflection of rows/columns 4..1
+    padded = np.pad(image.numpy(), [(4, 4), (4, 4), (0, 0)], mode="reflect")
+    assert (padded[0, 4:-4] == image.numpy()[4]).all()
+    assert any(
+        (c == padded[dy : dy + 32, dx : dx + 32]).all()
+        or (c == padded[dy : dy + 32, dx : dx + 32][:, ::-1]).all()
+        for c in reflect[:1]
+        for dy in range(9)
+        for dx in range(9)
+    )
+
+
+def test_wrn_mean_std_are_the_1bit_wrn_codes():
+    ds = data.with_mean_std(data.info("cifar100"), "wrn")
+    # szagoruyko/binary-wide-resnet main.py: Normalize([125.3, 123.0, 113.9] / 255,
+    # [63.0, 62.1, 66.7] / 255)
+    np.testing.assert_allclose(np.array(ds.mean) * 255, [125.3, 123.0, 113.9])
+    np.testing.assert_allclose(np.array(ds.std) * 255, [63.0, 62.1, 66.7])
+    assert data.with_mean_std(data.info("cifar10"), "dataset") == data.info("cifar10")
+    with pytest.raises(ValueError, match="grayscale"):
+        data.with_mean_std(data.info("fashion_mnist"), "wrn")

@@ -673,3 +673,32 @@ def test_export_eval_limit_bounds_the_tflite_evaluation(cifar_dir, tmp_path):
     images, labels = data.load_arrays("cifar10", "test", cifar_dir, download=False)
     logits = model(data.normalize(images, data.info("cifar10")), training=False).numpy()
     assert m["test_top1"] == pytest.approx(100.0 * np.mean(logits.argmax(-1) == labels), abs=1e-3)
+
+
+def test_wrn_takes_its_own_recipe_for_unset_flags():
+    """--model wrn20_10_1bit: the 1-bit WRN code's recipe (szagoruyko/binary-wide-resnet
+    main.py) for every flag the command line leaves unset; given flags win; other
+    models keep the ReSTE defaults."""
+    parser = cifar.build_parser()
+    args = common.parse(parser, ["--model", "wrn20_10_1bit"])
+    assert (args.dataset, args.epochs, args.batch_size, args.weight_decay) == (
+        "cifar100",
+        256,
+        128,
+        5e-4,
+    )
+    assert (args.lr_schedule, args.sgdr_period, args.sgdr_mult, args.lr_min) == (
+        "sgdr",
+        2,
+        2.0,
+        1e-4,
+    )
+    assert (args.mean_std, args.crop_padding, args.momentum) == ("wrn", "reflect", 0.9)
+    schedule = common.learning_rate_schedule(common.resolve_args(args))
+    assert cb.sgdr_restarts(2, 2.0, 256) == [2, 4, 8, 16, 32, 64, 128]
+    assert schedule.lr_at(0) == pytest.approx(0.1) and schedule.lr_at(2) == pytest.approx(0.1)
+    mine = common.parse(parser, ["--model", "wrn20_10_1bit", "--epochs", "3", "-b", "64"])
+    assert (mine.epochs, mine.batch_size, mine.dataset) == (3, 64, "cifar100")
+    plain = common.parse(parser, ["--model", "resnet20_1w1a"])
+    assert (plain.dataset, plain.epochs, plain.mean_std) == ("cifar10", 1000, "dataset")
+    assert "wrn20_10_1bit defaults to its own recipe" in parser.format_help()

@@ -26,8 +26,29 @@ DEFAULTS = {
 }
 
 
+# A model's own recipe, taken for every flag the command line does not set.
+MODEL_DEFAULTS = {
+    # McDonnell's 1-bit WRN as szagoruyko/binary-wide-resnet trains it (main.py):
+    # CIFAR-100 (the paper's 80.0 %), SGD 0.1 momentum 0.9, weight decay 5e-4, batch
+    # 128, 256 epochs, cosine with warm restarts at 2, 4, ..., 128 down to 1e-4, its
+    # mean/std, reflect-padded crops.
+    "wrn20_10_1bit": {
+        "dataset": "cifar100",
+        "epochs": 256,
+        "batch_size": 128,
+        "weight_decay": 5e-4,
+        "lr_schedule": "sgdr",
+        "sgdr_period": 2,
+        "sgdr_mult": 2.0,
+        "lr_min": 1e-4,
+        "mean_std": "wrn",
+        "crop_padding": "reflect",
+    },
+}
+
+
 def load_data(args, train: bool = True) -> common.Data:
-    info = data.info(args.dataset)
+    info = data.with_mean_std(data.info(args.dataset), args.mean_std)
     test_x, test_y = data.load_arrays(args.dataset, "test", args.data_dir, args.download)
     if args.test_limit:
         test_x, test_y = test_x[: args.test_limit], test_y[: args.test_limit]
@@ -40,7 +61,14 @@ def load_data(args, train: bool = True) -> common.Data:
 
     def make_train(first_epoch):
         return data.train_dataset(
-            train_x, train_y, info, args.batch_size, args.seed, first_epoch, args.epochs
+            train_x,
+            train_y,
+            info,
+            args.batch_size,
+            args.seed,
+            first_epoch,
+            args.epochs,
+            pad_mode=args.crop_padding,
         )
 
     batch = min(args.batch_size, len(train_x))
@@ -54,13 +82,29 @@ def load_data(args, train: bool = True) -> common.Data:
 
 
 def build_parser():
-    return common.parser(
+    p = common.parser(
         "Train a binary network on a small-image dataset (ReSTE CIFAR recipe).",
         prog="python -m train.cifar",
         models=models.available("cifar"),
         datasets=list(data.SMALL_IMAGE_DATASETS),
         defaults=DEFAULTS,
+        model_defaults=MODEL_DEFAULTS,
     )
+    g = p.add_argument_group("small-image augmentation and normalization")
+    g.add_argument(
+        "--crop-padding",
+        choices=data.PAD_MODES,
+        default="zero",
+        help="padding of the 4-pixel random crop: zero (ReSTE) or reflect (1-bit WRN)",
+    )
+    g.add_argument(
+        "--mean-std",
+        choices=data.MEAN_STD,
+        default="dataset",
+        help="normalization: the dataset's (the ReSTE reference's ImageNet statistics "
+        "for CIFAR) or the 1-bit WRN code's CIFAR-10 RGB statistics",
+    )
+    return p
 
 
 def main(argv=None) -> int:

@@ -6,6 +6,7 @@ data -> model -> compile -> fit (callbacks) -> export (LCE) -> evaluate (Keras, 
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import datetime
 import hashlib
@@ -72,10 +73,21 @@ class _OneLineErrorParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see --help)\n")
 
 
-def parser(description, *, prog, models, datasets, defaults):
+def parser(description, *, prog, models, datasets, defaults, model_defaults=None):
     """argparse with the ReSTE reference's flags, in groups; `defaults` holds the
-    recipe's values, `prog` how the CLI is run (python -m train.cifar)."""
-    p = _OneLineErrorParser(prog=prog, description=description, formatter_class=_HelpFormatter)
+    recipe's values, `prog` how the CLI is run (python -m train.cifar), and
+    `model_defaults` a model's own recipe ({model: {flag: value}}), taken by `parse`
+    for the flags the command line leaves unset."""
+    epilog = "".join(
+        f"--model {name} defaults to its own recipe: "
+        + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in recipe.items())
+        + ". "
+        for name, recipe in (model_defaults or {}).items()
+    )
+    p = _OneLineErrorParser(
+        prog=prog, description=description, formatter_class=_HelpFormatter, epilog=epilog
+    )
+    p.model_defaults = model_defaults or {}
 
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default=defaults["dataset"], choices=datasets, help="dataset")
@@ -383,6 +395,8 @@ RUN_DEFINING_FLAGS = (
     "a32",
     "w32",
     "padding",
+    "mean_std",
+    "crop_padding",
     "color_jitter",
     "lighting",
     "shuffle_buffer",
@@ -416,6 +430,8 @@ _FLAG_ADDED_LATER = {
     "distill_weight": 1.0,
     "distill_temperature": 1.0,
     "w32": False,
+    "mean_std": "dataset",
+    "crop_padding": "zero",
     "color_jitter": False,
     "lighting": False,
     "shuffle_buffer": 10_000,
@@ -965,9 +981,24 @@ def evaluate_run(args, load_data) -> dict:
     return metrics
 
 
+def parse(arg_parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """parse_args, then the chosen model's own recipe for every flag not given."""
+    args = arg_parser.parse_args(argv)
+    recipe = getattr(arg_parser, "model_defaults", {}).get(args.model)
+    if recipe:
+        probe = copy.deepcopy(arg_parser)
+        for action in probe._actions:
+            action.default = argparse.SUPPRESS
+        given = set(vars(probe.parse_args(argv)))
+        for key, value in recipe.items():
+            if key not in given:
+                setattr(args, key, value)
+    return args
+
+
 def main(arg_parser: argparse.ArgumentParser, load_data, argv=None) -> int:
     """Parse, run, and turn expected failures into one-line errors (exit 2)."""
-    args = arg_parser.parse_args(argv)
+    args = parse(arg_parser, argv)
     try:
         run(args, load_data)
     # Only the project's own errors become one line; anything else (TensorFlow's

@@ -183,7 +183,7 @@ def print_table(rows, folder):
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args = common.parse(build_parser(), argv)
     try:
         run(args)
     except (common.UsageError, ConfigError, DataNotFoundError, DataFormatError) as error:
