@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import math
 import os
 import pickle
 import tarfile
@@ -323,16 +324,55 @@ def normalize(images, ds: DatasetInfo):
 PAD_MODES = ("zero", "reflect")
 
 
-def _augment(image, seed, ds: DatasetInfo, pad_mode="zero"):
-    """Random crop with 4-pixel padding (zero, or reflect as the 1-bit WRN code), and
-    horizontal flip where label-safe."""
+def rotate_image(image, degrees):
+    """Rotate an HxWxC image by `degrees` (counter-clockwise) about its centre, nearest
+    neighbour, zero fill: torchvision's RandomRotation defaults."""
+    h = tf.cast(tf.shape(image)[0], tf.float32)
+    w = tf.cast(tf.shape(image)[1], tf.float32)
+    angle = tf.cast(degrees, tf.float32) * (math.pi / 180.0)
+    cos, sin = tf.cos(angle), tf.sin(angle)
+    # output pixel (x, y) reads input (cos x - sin y + dx, sin x + cos y + dy)
+    dx = ((w - 1) - (cos * (w - 1) - sin * (h - 1))) / 2.0
+    dy = ((h - 1) - (sin * (w - 1) + cos * (h - 1))) / 2.0
+    transform = tf.stack([cos, -sin, dx, sin, cos, dy, 0.0, 0.0])[None]
+    return tf.raw_ops.ImageProjectiveTransformV3(
+        images=image[None],
+        transforms=transform,
+        output_shape=tf.shape(image)[:2],
+        fill_value=0.0,
+        interpolation="NEAREST",
+        fill_mode="CONSTANT",
+    )[0]
+
+
+def _augment(image, seed, ds: DatasetInfo, pad_mode="zero", rotate=0.0):
+    """Random crop with 4-pixel padding (zero, or reflect as the 1-bit WRN code),
+    horizontal flip where label-safe, and a rotation uniform in [-rotate, rotate]
+    degrees when asked (BNN-tricks' +-15)."""
     h, w, c = ds.image_shape[0], ds.image_shape[1], image.shape[-1]
     mode = {"zero": "CONSTANT", "reflect": "REFLECT"}[pad_mode]
     padded = tf.pad(image, [[4, 4], [4, 4], [0, 0]], mode=mode)
     image = tf.image.stateless_random_crop(padded, (h, w, c), seed=seed)
     if ds.flip:
         image = tf.image.stateless_random_flip_left_right(image, seed=seed[::-1])
+    if rotate:
+        angle_seed = tf.random.experimental.stateless_fold_in(seed, 1)
+        angle = tf.random.stateless_uniform([], angle_seed, -rotate, rotate)
+        image = rotate_image(image, angle)
     return image
+
+
+def mixup_batch(images, labels, seed, alpha: float, num_classes: int):
+    """mixup (Zhang et al., 2018) of one batch: lambda ~ Beta(alpha, alpha), each image
+    mixed with a permuted partner, labels become lambda one_hot(y) + (1 - lambda)
+    one_hot(y_partner). Stateless in `seed`."""
+    seeds = tf.random.experimental.stateless_split(seed, 3)
+    g = [tf.random.stateless_gamma([], seeds[k], alpha) for k in range(2)]
+    lam = g[0] / (g[0] + g[1])
+    partner = tf.argsort(tf.random.stateless_uniform([tf.shape(images)[0]], seeds[2]))
+    one_hot = tf.one_hot(tf.cast(tf.reshape(labels, [-1]), tf.int32), num_classes)
+    mixed = lam * images + (1.0 - lam) * tf.gather(images, partner)
+    return mixed, lam * one_hot + (1.0 - lam) * tf.gather(one_hot, partner)
 
 
 def train_dataset(
@@ -344,29 +384,46 @@ def train_dataset(
     first_epoch: int,
     epochs: int,
     pad_mode: str = "zero",
+    rotate: float = 0.0,
+    mixup: float = 0.0,
 ) -> tf.data.Dataset:
     """Batches of epochs [first_epoch, epochs): per-epoch permutation and augmentation
     are pure functions of (seed, epoch, index), so a resumed run is the same run.
-    pad_mode: the random crop's padding, "zero" (the ReSTE reference) or "reflect"."""
+    pad_mode: the random crop's padding, "zero" (the ReSTE reference) or "reflect".
+    rotate: random rotation of +-rotate degrees. mixup: Beta(mixup, mixup) mixing of
+    each batch (labels become soft: `training.sparse_cross_entropy` takes them)."""
     if pad_mode not in PAD_MODES:
         raise ConfigError(f"pad_mode must be one of {', '.join(PAD_MODES)} (got {pad_mode!r})")
+    if rotate < 0 or mixup < 0:
+        raise ConfigError(f"rotate and mixup must be >= 0 (got {rotate}, {mixup})")
     n = len(images)
     images_t, labels_t = tf.constant(images), tf.constant(labels)
     num_batches = -(-n // batch_size)
 
     def one_epoch(epoch):
+        epoch_seed = tf.cast(seed, tf.int64) * 1000003 + epoch
+
         def example(i):
             key = tf.stack([tf.cast(seed, tf.int64), epoch])
             j = tf.random.experimental.index_shuffle(i, key, n - 1)
-            item_seed = tf.stack([tf.cast(seed, tf.int64) * 1000003 + epoch, i])
-            return _augment(images_t[j], item_seed, ds, pad_mode), labels_t[j]
+            item_seed = tf.stack([epoch_seed, i])
+            return _augment(images_t[j], item_seed, ds, pad_mode, rotate), labels_t[j]
 
-        return (
+        batches = (
             tf.data.Dataset.range(n)
             .map(example, num_parallel_calls=tf.data.AUTOTUNE)
             .batch(batch_size)
             .map(lambda x, y: (normalize(x, ds), y), num_parallel_calls=tf.data.AUTOTUNE)
         )
+        if mixup:
+            # batch b's seed: (seed, epoch) folded with -1 - b, apart from the items' seeds
+            batches = batches.enumerate().map(
+                lambda b, xy: mixup_batch(
+                    xy[0], xy[1], tf.stack([epoch_seed, -1 - b]), mixup, ds.num_classes
+                ),
+                num_parallel_calls=tf.data.AUTOTUNE,
+            )
+        return batches
 
     return (
         tf.data.Dataset.range(first_epoch, epochs).flat_map(one_epoch).prefetch(tf.data.AUTOTUNE)

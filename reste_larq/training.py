@@ -128,19 +128,42 @@ def make_optimizer(
     raise ConfigError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
 
 
+def _is_soft(labels, num_classes: int) -> bool:
+    """Soft (mixup) labels are float [batch, num_classes]; integer labels are [batch]
+    or [batch, 1] (of any dtype: Keras' metric wrappers cast them to float)."""
+    return labels.shape.rank == 2 and labels.shape[-1] == num_classes and num_classes > 1
+
+
 def sparse_cross_entropy(num_classes: int, label_smoothing: float = 0.0):
-    """Cross-entropy on integer labels and logits; with label smoothing ε the target is
-    (1 − ε)·one_hot + ε/K (Keras' and PyTorch's definition)."""
+    """Cross-entropy on logits and integer labels, or soft labels (one row of class
+    probabilities per example, as mixup makes them); with label smoothing ε the target
+    is (1 − ε)·target + ε/K (Keras' and PyTorch's definition)."""
     if not 0.0 <= label_smoothing < 1.0:
         raise ConfigError(f"label_smoothing must be in [0, 1) (got {label_smoothing})")
-    if not label_smoothing:
-        return tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    smoothed = tf.keras.losses.CategoricalCrossentropy(
+    categorical = tf.keras.losses.CategoricalCrossentropy(
         from_logits=True, label_smoothing=label_smoothing
     )
+    sparse = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
     def loss(labels, logits):
+        if _is_soft(labels, num_classes):
+            return categorical(tf.cast(labels, logits.dtype), logits)
+        if not label_smoothing:
+            return sparse(labels, logits)
         labels = tf.one_hot(tf.cast(tf.reshape(labels, [-1]), tf.int32), num_classes)
-        return smoothed(labels, logits)
+        return categorical(labels, logits)
 
     return loss
+
+
+def top_k_accuracy(num_classes: int, k: int = 1, name: str | None = None):
+    """Top-k accuracy for integer labels and for soft labels (against their most
+    probable class): the metrics of a run whose training batches are mixed up."""
+
+    def accuracy(labels, logits):
+        if _is_soft(labels, num_classes):
+            labels = tf.argmax(labels, axis=-1)
+        labels = tf.cast(tf.reshape(labels, [-1]), tf.int32)
+        return tf.cast(tf.math.in_top_k(labels, tf.cast(logits, tf.float32), k), tf.float32)
+
+    return tf.keras.metrics.MeanMetricWrapper(accuracy, name=name or f"top{k}")

@@ -358,3 +358,49 @@ def test_wrn_mean_std_are_the_1bit_wrn_codes():
     assert data.with_mean_std(data.info("cifar10"), "dataset") == data.info("cifar10")
     with pytest.raises(ValueError, match="grayscale"):
         data.with_mean_std(data.info("fashion_mnist"), "wrn")
+
+
+def test_rotation_turns_the_image_about_its_centre():
+    image = tf.reshape(tf.range(1, 26, dtype=tf.float32), [5, 5, 1])
+    np.testing.assert_array_equal(data.rotate_image(image, 0.0), image)
+    # +90 degrees is counter-clockwise (Keras' and torchvision's convention)
+    np.testing.assert_array_equal(data.rotate_image(image, 90.0)[..., 0], np.rot90(image[..., 0]))
+    turned = data.rotate_image(image, 45.0).numpy()[..., 0]
+    assert turned[2, 2] == 13 and turned[0, 0] == 0  # centre kept, corners filled with 0
+
+
+def test_mixup_mixes_pairs_with_one_lambda_and_soft_labels():
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.normal(size=(6, 4, 4, 1)), tf.float32)
+    y = tf.constant([0, 1, 2, 3, 4, 5], tf.int64)  # distinct: each row's lambda is readable
+    seed = tf.constant([3, 4], tf.int64)
+    mixed, soft = (t.numpy() for t in data.mixup_batch(x, y, seed, 0.4, 10))
+    again, _ = data.mixup_batch(x, y, seed, 0.4, 10)
+    np.testing.assert_array_equal(mixed, again)
+    np.testing.assert_allclose(soft.sum(axis=1), 1.0, rtol=1e-6)
+    lams = soft[np.arange(6), y.numpy()]
+    for i in range(6):
+        j = [k for k in range(6) if soft[i, k] > 0 and k != i] or [i]
+        lam = lams[i] if j[0] != i else 1.0
+        np.testing.assert_allclose(
+            mixed[i], lam * x.numpy()[i] + (1 - lam) * x.numpy()[j[0]], rtol=1e-5, atol=1e-6
+        )
+    # one lambda per batch (the larger share is the image's own, or its partner's)
+    shares = {round(max(l, 1 - l), 5) for l in lams if 0 < l < 1}
+    assert len(shares) <= 1
+
+
+def test_rotation_and_mixup_resume_exactly():
+    images = np.random.default_rng(0).integers(0, 256, (24, 32, 32, 3), dtype=np.uint8)
+    labels = np.arange(24) % 10
+    ds = data.info("cifar10")
+    kw = dict(rotate=15.0, mixup=0.2)
+    full, _ = data.train_dataset(images, labels, ds, 8, 7, 0, 3, **kw)
+    resumed, _ = data.train_dataset(images, labels, ds, 8, 7, 2, 3, **kw)
+    full, resumed = list(full.as_numpy_iterator()), list(resumed.as_numpy_iterator())
+    assert full[0][1].shape == (8, 10)  # soft labels
+    for (xa, ya), (xb, yb) in zip(full[6:], resumed):
+        np.testing.assert_array_equal(xa, xb)
+        np.testing.assert_array_equal(ya, yb)
+    plain, _ = data.train_dataset(images, labels, ds, 8, 7, 0, 1)
+    assert not np.allclose(next(iter(plain))[0], full[0][0])

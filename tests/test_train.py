@@ -702,3 +702,15 @@ def test_wrn_takes_its_own_recipe_for_unset_flags():
     plain = common.parse(parser, ["--model", "resnet20_1w1a"])
     assert (plain.dataset, plain.epochs, plain.mean_std) == ("cifar10", 1000, "dataset")
     assert "wrn20_10_1bit defaults to its own recipe" in parser.format_help()
+
+
+def test_cli_rotation_and_mixup_train_and_evaluate(cifar_dir, tmp_path):
+    """--rotate and --mixup through the CLI: soft training labels, integer test labels,
+    one metric name for both (val_accuracy drives the best checkpoint)."""
+    argv = ["--data-dir", cifar_dir, "--results-dir", tmp_path, *QUICK, "--no-export"]
+    assert run_cli(*argv, "--name", "mix", "--rotate", "15", "--mixup", "0.2") == 0
+    row = history(str(tmp_path / "mix"))[0]
+    assert 0.0 <= float(row["accuracy"]) <= 1.0 and 0.0 <= float(row["val_accuracy"]) <= 1.0
+    m = read_metrics(str(tmp_path / "mix"))
+    assert (m["args"]["rotate"], m["args"]["mixup"]) == (15.0, 0.2)
+    assert m["best_test_top1"] == pytest.approx(100.0 * float(row["val_accuracy"]), abs=1e-2)

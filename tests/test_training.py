@@ -93,3 +93,26 @@ def test_label_smoothing_loss_against_numpy():
         expected = np.mean(-(target * log_p).sum(1))
         loss = training.sparse_cross_entropy(5, eps)(labels, logits)
         assert float(loss) == pytest.approx(expected, rel=1e-5)
+
+
+def test_cross_entropy_takes_soft_labels_and_top_k_reads_them():
+    logits = tf.constant([[2.0, 0.5, -1.0], [0.1, 0.2, 3.0]])
+    soft = tf.constant([[0.7, 0.3, 0.0], [0.0, 0.4, 0.6]])
+    log_p = logits.numpy() - np.log(np.exp(logits.numpy()).sum(axis=1, keepdims=True))
+    expected = np.mean(-(soft.numpy() * log_p).sum(axis=1))
+    loss = training.sparse_cross_entropy(3)
+    assert float(loss(soft, logits)) == pytest.approx(expected, rel=1e-6)
+    smoothed = training.sparse_cross_entropy(3, 0.1)
+    target = 0.9 * soft.numpy() + 0.1 / 3
+    assert float(smoothed(soft, logits)) == pytest.approx(
+        np.mean(-(target * log_p).sum(axis=1)), rel=1e-6
+    )
+    assert float(loss(tf.constant([0, 2]), logits)) == pytest.approx(
+        -(log_p[0, 0] + log_p[1, 2]) / 2, rel=1e-6
+    )
+    top1 = training.top_k_accuracy(3, 1)
+    top1.update_state(tf.constant([[0.2, 0.8, 0.0], [0.0, 0.4, 0.6]]), logits)
+    assert float(top1.result()) == pytest.approx(0.5)  # row 0: argmax 1 vs logits' 0
+    top1.reset_state()
+    top1.update_state(tf.constant([0, 2]), logits)
+    assert float(top1.result()) == 1.0

@@ -69,6 +69,8 @@ def load_data(args, train: bool = True) -> common.Data:
             first_epoch,
             args.epochs,
             pad_mode=args.crop_padding,
+            rotate=args.rotate,
+            mixup=args.mixup,
         )
 
     batch = min(args.batch_size, len(train_x))
@@ -96,6 +98,20 @@ def build_parser():
         choices=data.PAD_MODES,
         default="zero",
         help="padding of the 4-pixel random crop: zero (ReSTE) or reflect (1-bit WRN)",
+    )
+    g.add_argument(
+        "--rotate",
+        type=common._non_negative_float,
+        default=0.0,
+        metavar="DEGREES",
+        help="random rotation in [-DEGREES, DEGREES] (BNN-tricks: 15), nearest, zero fill",
+    )
+    g.add_argument(
+        "--mixup",
+        type=common._non_negative_float,
+        default=0.0,
+        metavar="ALPHA",
+        help="mixup of each training batch with lambda ~ Beta(ALPHA, ALPHA) (0: off)",
     )
     g.add_argument(
         "--mean-std",

@@ -397,6 +397,8 @@ RUN_DEFINING_FLAGS = (
     "padding",
     "mean_std",
     "crop_padding",
+    "rotate",
+    "mixup",
     "color_jitter",
     "lighting",
     "shuffle_buffer",
@@ -432,6 +434,8 @@ _FLAG_ADDED_LATER = {
     "w32": False,
     "mean_std": "dataset",
     "crop_padding": "zero",
+    "rotate": 0.0,
+    "mixup": 0.0,
     "color_jitter": False,
     "lighting": False,
     "shuffle_buffer": 10_000,
@@ -634,9 +638,18 @@ def compile_model(model, args):
         loss=training.sparse_cross_entropy(
             getattr(model, "student", model).output_shape[-1], args.label_smoothing
         ),
-        metrics=["accuracy", tf.keras.metrics.SparseTopKCategoricalAccuracy(5, name="top5")],
+        metrics=_metrics(getattr(model, "student", model).output_shape[-1], args),
         jit_compile=args.jit_compile,
     )
+
+
+def _metrics(num_classes, args):
+    if getattr(args, "mixup", 0.0):  # soft training labels
+        return [
+            training.top_k_accuracy(num_classes, 1, "accuracy"),
+            training.top_k_accuracy(num_classes, 5, "top5"),
+        ]
+    return ["accuracy", tf.keras.metrics.SparseTopKCategoricalAccuracy(5, name="top5")]
 
 
 def evaluate_keras(model, eval_ds):
