@@ -423,3 +423,50 @@ def test_bn_momentum_option_reaches_every_batchnorm():
     assert len(bns) == 1 + 18 + 1 and all(l.momentum == 0.8 and l.synchronized for l in bns)
     with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\)"):
         models.build("resnet20_1w1a", bn_momentum=1.5)
+
+
+BLOCK_ORDER = {  # (layer feeding each binary conv, the chain after it)
+    "prelu": ("BatchNormalization", ["Add", "PReLU"]),
+    "react": ("LearnableBias", ["BatchNormalization", "Add", "LearnableBias", "PReLU"]),
+}
+
+
+@pytest.mark.parametrize("block", ["prelu", "react"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "resnet20_1w1a",
+        "resnet20_bireal_1w1a",
+        pytest.param("resnet18_1w1a", marks=SLOW),
+        "resnet18_1w1a_imagenet",
+    ],
+)
+def test_block_variants_are_built_as_published_and_convert(name, block):
+    """--block prelu (BNN-tricks: BN -> sign -> bconv -> + shortcut -> PReLU) and react
+    (ReActNet: RSign -> bconv -> BN -> + shortcut -> RPReLU) around every binary conv:
+    the order, PReLU slopes 0.25 and zero shifts at start, and every binary conv an
+    LceBconv2d with TFLite computing what Keras computes."""
+    model = models.build(name, block=block, input_shape=small_input(name))
+    before, after = BLOCK_ORDER[block]
+    convs = binary_convs(model)
+    assert len(convs) == export.count_binary_convs(
+        models.build(name, input_shape=small_input(name))
+    )
+    for conv in convs:
+        (node,) = conv._inbound_nodes
+        assert type(node.inbound_layers).__name__ == before
+        assert next_layers(conv, len(after)) == after
+    for layer in model.layers:
+        if isinstance(layer, tf.keras.layers.PReLU):
+            np.testing.assert_array_equal(layer.alpha.numpy(), 0.25)
+        if type(layer).__name__ == "LearnableBias":
+            np.testing.assert_array_equal(layer.bias.numpy(), 0.0)
+    if name in ("resnet20_1w1a", "resnet18_1w1a_imagenet"):
+        check_conversion(with_trained_batchnorm(model))
+
+
+def test_block_is_for_the_resnet_families_only():
+    with pytest.raises(ValueError, match="has its own block"):
+        models.build("vgg_small_1w1a", block="prelu")
+    with pytest.raises(ValueError, match="reference, prelu, react"):
+        models.build("resnet20_1w1a", block="bottleneck")

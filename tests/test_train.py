@@ -250,6 +250,9 @@ def test_init_from_a32_run(cifar_dir, tmp_path):
         (["--lr-schedule", "step"], "needs its milestones"),
         (["--bn-momentum", "1.2"], "--bn-momentum must be in [0, 1)"),
         (["--lr-schedule", "sgdr", "--sgdr-mult", "0.5"], "sgdr needs period >= 1 and mult >= 1"),
+        (["--model", "vgg_small_1w1a", "--block", "prelu"], "vgg_small_1w1a has its own block"),
+        (["--w32", "--a32"], "nothing would be binary"),
+        (["--model", "wrn20_10_1bit", "--dataset", "mnist"], "--mean-std dataset"),
     ],
 )
 def test_bad_input_exits_with_one_line(argv, message, tmp_path, capsys):
@@ -714,3 +717,10 @@ def test_cli_rotation_and_mixup_train_and_evaluate(cifar_dir, tmp_path):
     m = read_metrics(str(tmp_path / "mix"))
     assert (m["args"]["rotate"], m["args"]["mixup"]) == (15.0, 0.2)
     assert m["best_test_top1"] == pytest.approx(100.0 * float(row["val_accuracy"]), abs=1e-2)
+
+
+def test_cli_react_block_trains_and_converts(cifar_dir, tmp_path):
+    argv = ["--data-dir", cifar_dir, "--results-dir", tmp_path, *QUICK, "--name", "react"]
+    assert run_cli(*argv, "--block", "react") == 0
+    m = check_outputs(str(tmp_path / "react"))  # 18 LceBconv2d, TFLite = Keras top-1
+    assert m["args"]["block"] == "react"

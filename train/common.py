@@ -24,9 +24,10 @@ import tensorflow as tf  # noqa: E402
 
 from reste_larq import callbacks as cb  # noqa: E402
 from reste_larq import export, models, training  # noqa: E402
-from reste_larq.data import DATASETS  # noqa: E402
+from reste_larq.data import DATASETS, with_mean_std  # noqa: E402
 from reste_larq.distill import Distiller  # noqa: E402
 from reste_larq.errors import ConfigError, DataFormatError, DataNotFoundError  # noqa: E402
+from reste_larq.models.blocks import BLOCKS  # noqa: E402
 from reste_larq.quantizers import canonical_estimator, estimators  # noqa: E402
 
 PRECISION_POLICIES = {"off": "float32", "float16": "mixed_float16", "bfloat16": "mixed_bfloat16"}
@@ -127,6 +128,14 @@ def parser(description, *, prog, models, datasets, defaults, model_defaults=None
         "wrn_sign for WRN)",
     )
     g.add_argument("--a32", action="store_true", help="1W/32A: keep activations real")
+    g.add_argument(
+        "--block",
+        choices=BLOCKS,
+        default="reference",
+        help="unit around each binary conv of the ResNet families: reference (ReSTE), "
+        "prelu (BNN-tricks: BN, sign, bconv, + shortcut, PReLU), react (ReActNet's "
+        "RSign and RPReLU)",
+    )
     g.add_argument(
         "--w32",
         action="store_true",
@@ -394,6 +403,7 @@ RUN_DEFINING_FLAGS = (
     "mu_end",
     "a32",
     "w32",
+    "block",
     "padding",
     "mean_std",
     "crop_padding",
@@ -432,6 +442,7 @@ _FLAG_ADDED_LATER = {
     "distill_weight": 1.0,
     "distill_temperature": 1.0,
     "w32": False,
+    "block": "reference",
     "mean_std": "dataset",
     "crop_padding": "zero",
     "rotate": 0.0,
@@ -556,6 +567,7 @@ def build_model(args, num_classes, input_shape):
         padding=args.padding,
         sync_bn=args.strategy != "default",
         bn_momentum=args.bn_momentum,
+        block=getattr(args, "block", "reference"),
     )
 
 
@@ -715,6 +727,13 @@ def run(args, load_data) -> dict:
             f"--w32 keeps weights real, and {args.model} with --a32 or by default keeps "
             "activations real: nothing would be binary (use --quantizer float)"
         )
+    if getattr(args, "block", "reference") != "reference" and not models.info(args.model).blocks:
+        raise UsageError(
+            f"--block {args.block}: {args.model} has its own block; --block is for "
+            + ", ".join(n for n in models.available() if models.info(n).blocks)
+        )
+    if hasattr(args, "mean_std"):  # a grayscale dataset with RGB statistics fails here
+        with_mean_std(DATASETS[args.dataset], args.mean_std)
     if not 0.0 <= args.distill_weight <= 1.0:
         raise UsageError(f"--distill-weight must be in [0, 1] (got {args.distill_weight})")
     if not 0.0 <= args.bn_momentum < 1.0:

@@ -22,6 +22,7 @@ import tensorflow as tf
 from reste_larq.errors import ConfigError
 from reste_larq.models import cifar, imagenet
 from reste_larq.models.blocks import (
+    BLOCKS,
     DEFAULT_BN_MOMENTUM,
     PADDINGS,
     BinarySpec,
@@ -38,6 +39,7 @@ class ModelInfo:
     weight_scale: bool = True
     kernel_initializer: object = "he_normal"
     kernel_constraint: object = None
+    blocks: bool = True  # takes `block` (the ResNet families)
 
     @property
     def input_shape(self):
@@ -55,7 +57,7 @@ _MODELS = {
     # binary convs included.
     "resnet18_1w1a": ModelInfo(cifar.resnet18_1w1a, "cifar", kernel_initializer="torch_default"),
     "vgg_small_1w1a": ModelInfo(
-        cifar.vgg_small_1w1a, "cifar", kernel_initializer="he_normal_fan_out"
+        cifar.vgg_small_1w1a, "cifar", kernel_initializer="he_normal_fan_out", blocks=False
     ),
     # 1-bit weights, real activations by definition; its binarizer scales itself.
     "wrn20_10_1bit": ModelInfo(
@@ -65,6 +67,7 @@ _MODELS = {
         a32=True,
         weight_scale=False,
         kernel_initializer="he_normal_fan_out",
+        blocks=False,
     ),
     "resnet18_1w1a_imagenet": ModelInfo(imagenet.resnet18_1w1a_imagenet, "imagenet"),
     "resnet34_1w1a_imagenet": ModelInfo(imagenet.resnet34_1w1a_imagenet, "imagenet"),
@@ -77,6 +80,7 @@ _MODELS = {
         weight_scale=False,
         kernel_initializer="glorot_normal",
         kernel_constraint="weight_clip",
+        blocks=False,
     ),
     "birealnet34": ModelInfo(
         imagenet.birealnet34,
@@ -85,6 +89,7 @@ _MODELS = {
         weight_scale=False,
         kernel_initializer="glorot_normal",
         kernel_constraint="weight_clip",
+        blocks=False,
     ),
 }
 
@@ -126,6 +131,7 @@ def build(
     weight_scale: bool | None = None,
     sync_bn: bool = False,
     bn_momentum: float = DEFAULT_BN_MOMENTUM,
+    block: str = "reference",
     **options,
 ) -> tf.keras.Model:
     """Build model `name` (uncompiled, logits out).
@@ -139,6 +145,8 @@ def build(
     weight_scale: mean |w| kernel scaling; None takes the model's default.
     sync_bn: synchronized BatchNorm across replicas (for tf.distribute training).
     bn_momentum: Keras' BatchNorm momentum (0.9 = PyTorch's default 0.1).
+    block: the unit around each binary conv of the ResNet families (`BLOCKS`):
+        "reference" (ReSTE's), "prelu" (BNN-tricks), "react" (ReActNet's RSign/RPReLU).
 
     Mixed precision: set Keras' global policy first
     (`tf.keras.mixed_precision.set_global_policy("mixed_bfloat16")`); the model then
@@ -159,7 +167,15 @@ def build(
             f"{', '.join(allowed) if allowed else 'no extra options'} besides quantizer, "
             f"input_shape, num_classes, a32, padding ({'|'.join(PADDINGS)}), weight_scale"
         )
+    if block not in BLOCKS:
+        raise ConfigError(f"block must be one of {', '.join(BLOCKS)} (got {block!r})")
+    if block != "reference" and not model_info.blocks:
+        raise ConfigError(
+            f"{name} has its own block; block={block!r} is for "
+            + ", ".join(n for n, i in _MODELS.items() if i.blocks)
+        )
     spec = BinarySpec(
+        block=block,
         quantizer=model_info.quantizer if quantizer is None else quantizer,
         a32=model_info.a32 if a32 is None else bool(a32),
         w32=bool(w32),

@@ -14,6 +14,9 @@ from reste_larq.errors import ConfigError
 from reste_larq.quantizers import MeanAbsScaled, canonical_estimator, estimator_quantizers
 
 PADDINGS = ("one", "zero")
+# The unit around each binary conv (`binary_unit`): the ReSTE reference's, the
+# BNN-tricks collection's PReLU block, ReActNet's RSign / RPReLU.
+BLOCKS = ("reference", "prelu", "react")
 
 
 def he_normal(mode: str = "fan_in"):
@@ -83,6 +86,7 @@ class BinarySpec:
         output); "zero" pads with 0 as the PyTorch reference does (LCE converts it with
         a correction pass). With a32 the input is real and is always zero-padded.
     weight_scale: multiply the binary kernel by the layer's mean |w| (ReSTE reference).
+    block: the unit around each binary conv in the ResNet families (`binary_unit`).
     """
 
     quantizer: str = "reste"
@@ -92,8 +96,11 @@ class BinarySpec:
     weight_scale: bool = True
     kernel_initializer: object = "he_normal"
     kernel_constraint: object = None
+    block: str = "reference"
 
     def __post_init__(self):
+        if self.block not in BLOCKS:
+            raise ConfigError(f"block must be one of {', '.join(BLOCKS)} (got {self.block!r})")
         if self.quantizer != "float":
             object.__setattr__(self, "quantizer", canonical_estimator(self.quantizer))
         if self.padding not in PADDINGS:
@@ -160,6 +167,48 @@ def binary_conv_block(x, spec: BinarySpec, filters, strides=1, relu=True):
     if relu:
         x = tf.keras.layers.ReLU()(x)
     return batch_norm()(x)
+
+
+@tf.keras.utils.register_keras_serializable(package="reste_larq")
+class LearnableBias(tf.keras.layers.Layer):
+    """x + b with one learnable b per channel (zeros at start): ReActNet's shift, before
+    the sign (RSign) and around the PReLU (RPReLU)."""
+
+    def build(self, input_shape):
+        self.bias = self.add_weight(
+            name="bias", shape=(input_shape[-1],), initializer="zeros", trainable=True
+        )
+
+    def call(self, inputs):
+        return inputs + tf.cast(self.bias, inputs.dtype)
+
+
+def prelu():
+    """PyTorch's nn.PReLU(channels): one slope per channel, 0.25 at start."""
+    return tf.keras.layers.PReLU(
+        alpha_initializer=tf.keras.initializers.Constant(0.25), shared_axes=[1, 2]
+    )
+
+
+def binary_unit(x, spec: BinarySpec, filters, strides, residual, relu=True):
+    """One binary conv and its shortcut `residual`, as `spec.block` builds them:
+
+    - reference: BN(ReLU(bconv(x))) + residual (`relu=False`: BN(bconv(x)) + residual)
+    - prelu (BNN-tricks): PReLU(bconv(sign(BN(x))) + residual)
+    - react (ReActNet): RPReLU(BN(bconv(RSign(x))) + residual), RSign(x) =
+      sign(x + b), RPReLU(y) = PReLU(y + g) + z, b, g, z learnable per channel.
+
+    The sign is the binary conv's input quantizer in each: every variant converts to
+    LceBconv2d.
+    """
+    if spec.block == "reference":
+        return tf.keras.layers.add([binary_conv_block(x, spec, filters, strides, relu), residual])
+    if spec.block == "prelu":
+        out = spec.conv(filters, 3, strides)(batch_norm()(x))
+        return prelu()(tf.keras.layers.add([out, residual]))
+    out = batch_norm()(spec.conv(filters, 3, strides)(LearnableBias()(x)))
+    out = LearnableBias()(tf.keras.layers.add([out, residual]))
+    return LearnableBias()(prelu()(out))
 
 
 @tf.keras.utils.register_keras_serializable(package="reste_larq")

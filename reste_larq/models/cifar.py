@@ -12,6 +12,7 @@ from reste_larq.models.blocks import (
     ChannelPad,
     batch_norm,
     binary_conv_block,
+    binary_unit,
     classifier_head,
     float_conv,
     he_normal,
@@ -34,16 +35,17 @@ def _resnet(inputs, spec, num_classes, stages, shortcut, bireal, initializer=he_
     """ResNet body over (filters, blocks, stride) stages.
 
     Standard block: BN(ReLU(bconv)) -> BN(ReLU(bconv)) + shortcut(x).
-    Bi-Real block (`bireal`): a shortcut around every binary conv.
+    Bi-Real block (`bireal`): a shortcut around every binary conv. The PReLU and ReAct
+    blocks (`spec.block`, see `binary_unit`) also put one around every binary conv.
     """
     x = _stem(inputs, stages[0][0], initializer)
     for filters, blocks, first_stride in stages:
         for i in range(blocks):
             strides = first_stride if i == 0 else 1
             residual = shortcut(x, filters, strides)
-            if bireal:
-                x = tf.keras.layers.add([binary_conv_block(x, spec, filters, strides), residual])
-                x = tf.keras.layers.add([binary_conv_block(x, spec, filters), x])
+            if bireal or spec.block != "reference":
+                x = binary_unit(x, spec, filters, strides, residual)
+                x = binary_unit(x, spec, filters, 1, x)
             else:
                 out = binary_conv_block(x, spec, filters, strides)
                 out = binary_conv_block(out, spec, filters)

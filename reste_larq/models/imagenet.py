@@ -11,7 +11,7 @@ import tensorflow as tf
 from reste_larq.models.blocks import (
     BinarySpec,
     batch_norm,
-    binary_conv_block,
+    binary_unit,
     classifier_head,
     float_conv,
     he_normal,
@@ -38,8 +38,7 @@ def _per_conv_resnet(inputs, spec, num_classes, convs_per_stage, *, bireal_net):
         for i in range(convs):
             strides = 2 if (stage > 0 and i == 0) else 1
             residual = shortcut_conv(x, filters, strides, bireal_net, initializer)
-            out = binary_conv_block(x, spec, filters, strides, relu=not bireal_net)
-            x = tf.keras.layers.add([out, residual])
+            x = binary_unit(x, spec, filters, strides, residual, relu=not bireal_net)
     return classifier_head(x, num_classes, bn=not bireal_net)
 
 
