@@ -470,3 +470,48 @@ def test_block_is_for_the_resnet_families_only():
         models.build("vgg_small_1w1a", block="prelu")
     with pytest.raises(ValueError, match="reference, prelu, react"):
         models.build("resnet20_1w1a", block="bottleneck")
+
+
+@pytest.mark.parametrize("mode", ["v1", "v2", "v3"])
+def test_downsample_variants_are_the_collections(mode):
+    """BNN-tricks' downsamples on chosen numbers: v1 1x1 conv -> BN -> avg-pool 2, v2
+    avg-pool 2 -> 1x1 conv -> BN, v3 1x1 conv -> BN -> avg-pool 3 / stride 2 / zero
+    padding 1 counted in the mean (PyTorch's count_include_pad=True)."""
+    from reste_larq.models.blocks import he_normal, shortcut_conv
+
+    inputs = tf.keras.Input((6, 6, 2))
+    model = tf.keras.Model(inputs, shortcut_conv(inputs, 4, 2, initializer=he_normal, mode=mode))
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((2, 4)).astype(np.float32)
+    for layer in model.layers:
+        if isinstance(layer, tf.keras.layers.Conv2D):
+            layer.kernel.assign(w[None, None])
+        if isinstance(layer, tf.keras.layers.BatchNormalization):
+            layer.moving_variance.assign(np.full(4, 1 - layer.epsilon, np.float32))
+    x = rng.standard_normal((1, 6, 6, 2)).astype(np.float32)
+
+    def pool2(a):
+        return a.reshape(1, 3, 2, 3, 2, a.shape[-1]).mean(axis=(2, 4))
+
+    if mode == "v1":
+        expected = pool2(x @ w)
+    elif mode == "v2":
+        expected = pool2(x) @ w
+    else:
+        padded = np.pad(x @ w, [(0, 0), (1, 1), (1, 1), (0, 0)])
+        expected = np.stack(
+            [
+                np.stack([padded[0, i : i + 3, j : j + 3].sum((0, 1)) / 9 for j in (0, 2, 4)])
+                for i in (0, 2, 4)
+            ]
+        )[None]
+    np.testing.assert_allclose(model(x, training=False).numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_downsample_option_builds_converts_and_refuses_option_a():
+    model = models.build("resnet18_1w1a_imagenet", downsample="v3", input_shape=(32, 32, 3))
+    pools = [l for l in model.layers if isinstance(l, tf.keras.layers.AvgPool2D)]
+    assert len(pools) == 3 and all(p.pool_size == (3, 3) for p in pools)
+    check_conversion(with_trained_batchnorm(model))
+    with pytest.raises(ValueError, match="has no 1x1 conv downsample"):
+        models.build("resnet20_1w1a", downsample="v1")

@@ -252,6 +252,7 @@ def test_init_from_a32_run(cifar_dir, tmp_path):
         (["--lr-schedule", "sgdr", "--sgdr-mult", "0.5"], "sgdr needs period >= 1 and mult >= 1"),
         (["--model", "vgg_small_1w1a", "--block", "prelu"], "vgg_small_1w1a has its own block"),
         (["--w32", "--a32"], "nothing would be binary"),
+        (["--downsample", "v2"], "resnet20_1w1a has no 1x1 conv downsample"),
         (["--model", "wrn20_10_1bit", "--dataset", "mnist"], "--mean-std dataset"),
     ],
 )

@@ -27,7 +27,7 @@ from reste_larq import export, models, training  # noqa: E402
 from reste_larq.data import DATASETS, with_mean_std  # noqa: E402
 from reste_larq.distill import Distiller  # noqa: E402
 from reste_larq.errors import ConfigError, DataFormatError, DataNotFoundError  # noqa: E402
-from reste_larq.models.blocks import BLOCKS  # noqa: E402
+from reste_larq.models.blocks import BLOCKS, DOWNSAMPLES  # noqa: E402
 from reste_larq.quantizers import canonical_estimator, estimators  # noqa: E402
 
 PRECISION_POLICIES = {"off": "float32", "float16": "mixed_float16", "bfloat16": "mixed_bfloat16"}
@@ -135,6 +135,14 @@ def parser(description, *, prog, models, datasets, defaults, model_defaults=None
         help="unit around each binary conv of the ResNet families: reference (ReSTE), "
         "prelu (BNN-tricks: BN, sign, bconv, + shortcut, PReLU), react (ReActNet's "
         "RSign and RPReLU)",
+    )
+    g.add_argument(
+        "--downsample",
+        choices=DOWNSAMPLES,
+        default="reference",
+        help="float shortcut downsample of the ResNet-18/34 nets: reference (strided 1x1 "
+        "conv, BN) or BNN-tricks' v1 (1x1 conv, BN, avg-pool 2), v2 (avg-pool 2, 1x1 "
+        "conv, BN), v3 (1x1 conv, BN, avg-pool 3 stride 2)",
     )
     g.add_argument(
         "--w32",
@@ -404,6 +412,7 @@ RUN_DEFINING_FLAGS = (
     "a32",
     "w32",
     "block",
+    "downsample",
     "padding",
     "mean_std",
     "crop_padding",
@@ -443,6 +452,7 @@ _FLAG_ADDED_LATER = {
     "distill_temperature": 1.0,
     "w32": False,
     "block": "reference",
+    "downsample": "reference",
     "mean_std": "dataset",
     "crop_padding": "zero",
     "rotate": 0.0,
@@ -568,6 +578,7 @@ def build_model(args, num_classes, input_shape):
         sync_bn=args.strategy != "default",
         bn_momentum=args.bn_momentum,
         block=getattr(args, "block", "reference"),
+        downsample=getattr(args, "downsample", "reference"),
     )
 
 
@@ -731,6 +742,14 @@ def run(args, load_data) -> dict:
         raise UsageError(
             f"--block {args.block}: {args.model} has its own block; --block is for "
             + ", ".join(n for n in models.available() if models.info(n).blocks)
+        )
+    if getattr(args, "downsample", "reference") != "reference" and not (
+        models.info(args.model).downsamples
+    ):
+        raise UsageError(
+            f"--downsample {args.downsample}: {args.model} has no 1x1 conv downsample; "
+            "--downsample is for "
+            + ", ".join(n for n in models.available() if models.info(n).downsamples)
         )
     if hasattr(args, "mean_std"):  # a grayscale dataset with RGB statistics fails here
         with_mean_std(DATASETS[args.dataset], args.mean_std)

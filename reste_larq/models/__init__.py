@@ -24,6 +24,7 @@ from reste_larq.models import cifar, imagenet
 from reste_larq.models.blocks import (
     BLOCKS,
     DEFAULT_BN_MOMENTUM,
+    DOWNSAMPLES,
     PADDINGS,
     BinarySpec,
     batch_norm_settings,
@@ -40,6 +41,7 @@ class ModelInfo:
     kernel_initializer: object = "he_normal"
     kernel_constraint: object = None
     blocks: bool = True  # takes `block` (the ResNet families)
+    downsamples: bool = False  # takes `downsample` (float 1x1 conv shortcuts)
 
     @property
     def input_shape(self):
@@ -55,7 +57,9 @@ _MODELS = {
     "resnet20_bireal_1w1a": ModelInfo(cifar.resnet20_bireal_1w1a, "cifar"),
     # The reference initializes nothing in this net: PyTorch's default init everywhere,
     # binary convs included.
-    "resnet18_1w1a": ModelInfo(cifar.resnet18_1w1a, "cifar", kernel_initializer="torch_default"),
+    "resnet18_1w1a": ModelInfo(
+        cifar.resnet18_1w1a, "cifar", kernel_initializer="torch_default", downsamples=True
+    ),
     "vgg_small_1w1a": ModelInfo(
         cifar.vgg_small_1w1a, "cifar", kernel_initializer="he_normal_fan_out", blocks=False
     ),
@@ -69,8 +73,12 @@ _MODELS = {
         kernel_initializer="he_normal_fan_out",
         blocks=False,
     ),
-    "resnet18_1w1a_imagenet": ModelInfo(imagenet.resnet18_1w1a_imagenet, "imagenet"),
-    "resnet34_1w1a_imagenet": ModelInfo(imagenet.resnet34_1w1a_imagenet, "imagenet"),
+    "resnet18_1w1a_imagenet": ModelInfo(
+        imagenet.resnet18_1w1a_imagenet, "imagenet", downsamples=True
+    ),
+    "resnet34_1w1a_imagenet": ModelInfo(
+        imagenet.resnet34_1w1a_imagenet, "imagenet", downsamples=True
+    ),
     # Bi-Real Net as published (and in larq_zoo): ApproxSign activations, magnitude-aware
     # weights (already scaled per channel), weights clipped to [-1, 1].
     "birealnet18": ModelInfo(
@@ -132,6 +140,7 @@ def build(
     sync_bn: bool = False,
     bn_momentum: float = DEFAULT_BN_MOMENTUM,
     block: str = "reference",
+    downsample: str = "reference",
     **options,
 ) -> tf.keras.Model:
     """Build model `name` (uncompiled, logits out).
@@ -147,6 +156,8 @@ def build(
     bn_momentum: Keras' BatchNorm momentum (0.9 = PyTorch's default 0.1).
     block: the unit around each binary conv of the ResNet families (`BLOCKS`):
         "reference" (ReSTE's), "prelu" (BNN-tricks), "react" (ReActNet's RSign/RPReLU).
+    downsample: the float shortcut downsample of the ResNet-18/34 nets (`DOWNSAMPLES`):
+        "reference" (strided 1x1 conv + BN) or BNN-tricks' "v1", "v2", "v3".
 
     Mixed precision: set Keras' global policy first
     (`tf.keras.mixed_precision.set_global_policy("mixed_bfloat16")`); the model then
@@ -174,8 +185,18 @@ def build(
             f"{name} has its own block; block={block!r} is for "
             + ", ".join(n for n, i in _MODELS.items() if i.blocks)
         )
+    if downsample not in DOWNSAMPLES:
+        raise ConfigError(
+            f"downsample must be one of {', '.join(DOWNSAMPLES)} (got {downsample!r})"
+        )
+    if downsample != "reference" and not model_info.downsamples:
+        raise ConfigError(
+            f"{name} has no 1x1 conv downsample; downsample={downsample!r} is for "
+            + ", ".join(n for n, i in _MODELS.items() if i.downsamples)
+        )
     spec = BinarySpec(
         block=block,
+        downsample=downsample,
         quantizer=model_info.quantizer if quantizer is None else quantizer,
         a32=model_info.a32 if a32 is None else bool(a32),
         w32=bool(w32),

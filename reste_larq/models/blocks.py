@@ -17,6 +17,9 @@ PADDINGS = ("one", "zero")
 # The unit around each binary conv (`binary_unit`): the ReSTE reference's, the
 # BNN-tricks collection's PReLU block, ReActNet's RSign / RPReLU.
 BLOCKS = ("reference", "prelu", "react")
+# The float downsample of a shortcut (`shortcut_conv`): the reference's strided 1x1 conv,
+# or one of the BNN-tricks collection's v1 / v2 / v3.
+DOWNSAMPLES = ("reference", "v1", "v2", "v3")
 
 
 def he_normal(mode: str = "fan_in"):
@@ -87,6 +90,7 @@ class BinarySpec:
         a correction pass). With a32 the input is real and is always zero-padded.
     weight_scale: multiply the binary kernel by the layer's mean |w| (ReSTE reference).
     block: the unit around each binary conv in the ResNet families (`binary_unit`).
+    downsample: the float shortcut downsample of the ResNet-18/34 nets (`shortcut_conv`).
     """
 
     quantizer: str = "reste"
@@ -97,8 +101,13 @@ class BinarySpec:
     kernel_initializer: object = "he_normal"
     kernel_constraint: object = None
     block: str = "reference"
+    downsample: str = "reference"
 
     def __post_init__(self):
+        if self.downsample not in DOWNSAMPLES:
+            raise ConfigError(
+                f"downsample must be one of {', '.join(DOWNSAMPLES)} (got {self.downsample!r})"
+            )
         if self.block not in BLOCKS:
             raise ConfigError(f"block must be one of {', '.join(BLOCKS)} (got {self.block!r})")
         if self.quantizer != "float":
@@ -240,16 +249,32 @@ def shortcut_option_a(x, filters, strides):
     return x
 
 
-def shortcut_conv(x, filters, strides, pool=False, initializer=he_normal):
-    """Float 1x1 conv + BN downsample; with `pool` an average pool does the striding
-    (Bi-Real Net) and the conv has stride 1."""
+def shortcut_conv(x, filters, strides, pool=False, initializer=he_normal, mode="reference"):
+    """Float 1x1 conv + BN downsample (identity when shapes already match).
+
+    mode "reference": a strided 1x1 conv -> BN, or with `pool` (Bi-Real Net) a 2x2
+    average pool then a 1x1 conv -> BN. The BNN-tricks collection's variants, for
+    stride 2: v1 1x1 conv -> BN -> 2x2 average pool (its recommended one); v2 2x2
+    average pool -> 1x1 conv -> BN; v3 1x1 conv -> BN -> 3x3 average pool, stride 2,
+    zero padding 1 counted in the mean (PyTorch's AvgPool2d default).
+    """
     if x.shape[-1] == filters and strides == 1:
         return x
-    if pool and strides != 1:
-        x = tf.keras.layers.AvgPool2D(strides, strides=strides, padding="same")(x)
-        strides = 1
-    x = float_conv(filters, 1, strides, initializer)(x)
-    return batch_norm()(x)
+    if mode == "reference" or strides == 1:
+        if pool and strides != 1:
+            x = tf.keras.layers.AvgPool2D(strides, strides=strides, padding="same")(x)
+            strides = 1
+        x = float_conv(filters, 1, strides, initializer)(x)
+        return batch_norm()(x)
+    if mode == "v2":
+        x = tf.keras.layers.AvgPool2D(2, strides=strides)(x)
+    x = batch_norm()(float_conv(filters, 1, 1, initializer)(x))
+    if mode == "v1":
+        x = tf.keras.layers.AvgPool2D(2, strides=strides)(x)
+    elif mode == "v3":
+        x = tf.keras.layers.ZeroPadding2D(1)(x)
+        x = tf.keras.layers.AvgPool2D(3, strides=strides)(x)
+    return x
 
 
 def classifier_head(x, num_classes, dense_initializer=torch_default, bn=True):

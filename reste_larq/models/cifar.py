@@ -70,7 +70,7 @@ def resnet18_1w1a(inputs, spec: BinarySpec, num_classes: int):
     downsample. The reference keeps PyTorch's default init for this net."""
 
     def shortcut(x, filters, strides):
-        return shortcut_conv(x, filters, strides, initializer=torch_default)
+        return shortcut_conv(x, filters, strides, initializer=torch_default, mode=spec.downsample)
 
     stages = [(64, 2, 1), (128, 2, 2), (256, 2, 2), (512, 2, 2)]
     return _resnet(inputs, spec, num_classes, stages, shortcut, False, torch_default)

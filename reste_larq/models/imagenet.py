@@ -37,7 +37,9 @@ def _per_conv_resnet(inputs, spec, num_classes, convs_per_stage, *, bireal_net):
         filters = 64 * 2**stage
         for i in range(convs):
             strides = 2 if (stage > 0 and i == 0) else 1
-            residual = shortcut_conv(x, filters, strides, bireal_net, initializer)
+            residual = shortcut_conv(
+                x, filters, strides, bireal_net, initializer, mode=spec.downsample
+            )
             x = binary_unit(x, spec, filters, strides, residual, relu=not bireal_net)
     return classifier_head(x, num_classes, bn=not bireal_net)
 
