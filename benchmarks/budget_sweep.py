@@ -1,0 +1,145 @@
+"""Estimators across training budgets: Keras top-1 and frozen fraction per (data, epochs).
+
+    python benchmarks/budget_sweep.py                       # the default grid
+    python benchmarks/budget_sweep.py --train-limits 10000 60000 --epochs 2 5 10 20 \\
+        --variants reste ste bnnpp "bnnpp,mu_start=5,mu_end=50" "reste,o_end=2" \\
+        --seeds 1234 1235
+
+A variant is an estimator name with optional `train.cifar` settings after commas
+(`flag=value`, flags without their dashes: o_end, mu_start, mu_end, lr, ...). Every
+cell is one `python -m train.cifar` run on Fashion-MNIST (Debian's
+dataset-fashion-mnist): resnet20_1w1a, SGD 0.1, cosine, 1-epoch warm-up, batch 256,
+the first N training images (`--train-limit`), no export (Keras top-1 on the 10,000
+test images). The schedules follow the fraction of epochs done, so every budget runs
+the whole o / mu ramp.
+
+Prints one table per training-set size (rows: variant, columns: epochs; mean over
+seeds) of Keras top-1 and of the last epoch's frozen fraction (the share of latent
+weights whose estimator passes < 1e-3 of the gradient), and draws top-1 against epochs
+(--plot; matplotlib: pip install -r benchmarks/requirements.txt). Finished runs in
+--results-dir are not run again: the sweep can be stopped and restarted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from train import cifar  # noqa: E402
+
+
+def parse_variant(text, parser):
+    estimator, *settings = text.split(",")
+    flags = []
+    for setting in settings:
+        key, sep, value = setting.partition("=")
+        if not sep or not key:
+            parser.error(f"variant {text!r}: settings are flag=value (got {setting!r})")
+        flags += [f"--{key.replace('_', '-')}", value]
+    return estimator, flags
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--train-limits", type=int, nargs="+", default=[10_000, 60_000])
+    p.add_argument("--epochs", type=int, nargs="+", default=[2, 5, 10, 20])
+    p.add_argument("--variants", nargs="+", default=["reste", "ste", "bnnpp"])
+    p.add_argument("--seeds", type=int, nargs="+", default=[1234])
+    p.add_argument("--dataset", default="fashion_mnist")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--results-dir", default="results/budget_sweep")
+    p.add_argument("--plot", default=None, help="PNG (default: RESULTS_DIR/budget_sweep.png)")
+    p.add_argument("--no-plot", action="store_true")
+    args = p.parse_args(argv)
+    variants = [(v, *parse_variant(v, p)) for v in args.variants]
+    if not args.no_plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            p.error("the plot needs matplotlib: pip install -r benchmarks/requirements.txt")
+
+    results = {}  # (limit, epochs, variant) -> [metrics per seed]
+    for limit in args.train_limits:
+        for epochs in args.epochs:
+            for seed in args.seeds:
+                for variant, estimator, flags in variants:
+                    slug = variant.replace(",", "_").replace("=", "")
+                    name = f"{args.dataset}_n{limit}_e{epochs}_{slug}_s{seed}"
+                    run = os.path.join(args.results_dir, name)
+                    if not os.path.isfile(os.path.join(run, "metrics.json")):
+                        argv = [
+                            "--dataset", args.dataset, "--quantizer", estimator,
+                            "--epochs", str(epochs), "--warmup", "1",
+                            "--train-limit", str(limit), "--seed", str(seed),
+                            "--results-dir", args.results_dir, "--name", name,
+                            "--no-export", "--no-download", "--verbose", "2", *flags,
+                        ]  # fmt: skip
+                        if args.data_dir:
+                            argv += ["--data-dir", args.data_dir]
+                        if os.path.isdir(os.path.join(run, "checkpoint")):
+                            argv.append("--resume")
+                        started = time.time()
+                        if cifar.main(argv) != 0:
+                            raise SystemExit(f"run {name} failed")
+                        print(f"{name}: {time.time() - started:.0f} s", flush=True)
+                    with open(os.path.join(run, "metrics.json")) as f:
+                        results.setdefault((limit, epochs, variant), []).append(json.load(f))
+
+    for limit in args.train_limits:
+        for title, value in (
+            ("Keras top-1", lambda m: m["test_top1"]),
+            ("last frozen fraction", lambda m: 100.0 * m["per_epoch"][-1]["frozen_fraction"]),
+        ):
+            print(f"\n{title} (%), {args.dataset}, {limit} training images, seeds {args.seeds}")
+            print(f"{'variant':<32}" + "".join(f"{f'{e} ep':>10}" for e in args.epochs))
+            for variant, *_ in variants:
+                cells = [
+                    statistics.mean(value(m) for m in results[(limit, e, variant)])
+                    for e in args.epochs
+                ]
+                print(f"{variant:<32}" + "".join(f"{c:>10.2f}" for c in cells))
+
+    if not args.no_plot:
+        plot(args, variants, results)
+
+
+def plot(args, variants, results):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(
+        1, len(args.train_limits), figsize=(5 * len(args.train_limits), 4), dpi=110
+    )
+    axes = axes if len(args.train_limits) > 1 else [axes]
+    for ax, limit in zip(axes, args.train_limits):
+        for k, (variant, *_) in enumerate(variants):
+            top1 = [
+                statistics.mean(m["test_top1"] for m in results[(limit, e, variant)])
+                for e in args.epochs
+            ]
+            ax.plot(args.epochs, top1, "o-", color=f"C{k}", label=variant)
+        ax.set_xscale("log")
+        ax.set_xticks(args.epochs, [str(e) for e in args.epochs])
+        ax.set_xlabel("epochs")
+        ax.set_ylabel("Keras test top-1 (%)")
+        ax.set_title(f"{args.dataset}, {limit} training images")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = args.plot or os.path.join(args.results_dir, "budget_sweep.png")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    print(f"plot: {path}")
+
+
+if __name__ == "__main__":
+    main()
