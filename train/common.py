@@ -788,7 +788,7 @@ def run(args, load_data) -> dict:
     strategy = make_strategy(args)
     if args.strategy == "multi_worker":
         _workers_agree(strategy, folder_error, args.resume)
-    chief, task = worker_task()
+    chief, task = worker_task() if args.strategy == "multi_worker" else (True, "chief0")
     # Only the chief writes the run folder; other workers write to a temporary folder
     # of their own and delete it at the end (Keras' multi-worker guide).
     out = directory if chief else tempfile.mkdtemp(prefix=f"reste_larq_{task}_")
