@@ -7,7 +7,8 @@
         --seeds 1234 1235                                   # distillation, two seeds
 
 A variant is "estimator[:padding][+option...]" ("float" for the full-precision
-ceiling), options: jit (--jit-compile), bf16 / fp16 (--mixed-precision), kd
+ceiling), options: jit (--jit-compile), bf16 / fp16 (--mixed-precision), prelu /
+react (--block: BNN-tricks' PReLU block, ReActNet's RSign/RPReLU), kd
 (distilled from the float variant's run of the same seed and budget, trained first
 if missing: --teacher), multistage (`python -m train.multistage`, stages
 float,w32,1w1a splitting the same epochs: 2+2+2 of 6; every binary stage starts
@@ -42,6 +43,8 @@ OPTIONS = {
     "jit": ["--jit-compile"],
     "bf16": ["--mixed-precision", "bfloat16"],
     "fp16": ["--mixed-precision", "float16"],
+    "prelu": ["--block", "prelu"],
+    "react": ["--block", "react"],
 }
 
 
