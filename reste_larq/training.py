@@ -134,26 +134,44 @@ def _is_soft(labels, num_classes: int) -> bool:
     return labels.shape.rank == 2 and labels.shape[-1] == num_classes and num_classes > 1
 
 
-def sparse_cross_entropy(num_classes: int, label_smoothing: float = 0.0):
+@tf.keras.utils.register_keras_serializable(package="reste_larq")
+class CrossEntropy(tf.keras.losses.Loss):
     """Cross-entropy on logits and integer labels, or soft labels (one row of class
     probabilities per example, as mixup makes them); with label smoothing ε the target
-    is (1 − ε)·target + ε/K (Keras' and PyTorch's definition)."""
-    if not 0.0 <= label_smoothing < 1.0:
-        raise ConfigError(f"label_smoothing must be in [0, 1) (got {label_smoothing})")
-    categorical = tf.keras.losses.CategoricalCrossentropy(
-        from_logits=True, label_smoothing=label_smoothing
-    )
-    sparse = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    is (1 − ε)·target + ε/K (Keras' and PyTorch's definition). A Keras `Loss`: the
+    per-example values are reduced by Keras (also under tf.distribute)."""
 
-    def loss(labels, logits):
-        if _is_soft(labels, num_classes):
-            return categorical(tf.cast(labels, logits.dtype), logits)
-        if not label_smoothing:
-            return sparse(labels, logits)
-        labels = tf.one_hot(tf.cast(tf.reshape(labels, [-1]), tf.int32), num_classes)
-        return categorical(labels, logits)
+    def __init__(self, num_classes: int, label_smoothing: float = 0.0, **kwargs):
+        super().__init__(name=kwargs.pop("name", "cross_entropy"), **kwargs)
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ConfigError(f"label_smoothing must be in [0, 1) (got {label_smoothing})")
+        self.num_classes = int(num_classes)
+        self.label_smoothing = float(label_smoothing)
 
-    return loss
+    def call(self, labels, logits):
+        labels = tf.convert_to_tensor(labels)
+        if _is_soft(labels, self.num_classes):
+            targets = tf.cast(labels, logits.dtype)
+        elif not self.label_smoothing:
+            return tf.keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+        else:
+            labels = tf.cast(tf.reshape(labels, [-1]), tf.int32)
+            targets = tf.one_hot(labels, self.num_classes, dtype=logits.dtype)
+        return tf.keras.losses.categorical_crossentropy(
+            targets, logits, from_logits=True, label_smoothing=self.label_smoothing
+        )
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "num_classes": self.num_classes,
+            "label_smoothing": self.label_smoothing,
+        }
+
+
+def sparse_cross_entropy(num_classes: int, label_smoothing: float = 0.0) -> CrossEntropy:
+    """The training loss: `CrossEntropy(num_classes, label_smoothing)`."""
+    return CrossEntropy(num_classes, label_smoothing)
 
 
 def top_k_accuracy(num_classes: int, k: int = 1, name: str | None = None):
