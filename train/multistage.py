@@ -121,16 +121,17 @@ def run(args) -> list[dict]:
     plan = stage_plan(args)
     name = args.name or f"{args.model}_{args.quantizer}_{args.dataset}_multistage"
     folder = os.path.join(args.results_dir, name)
-    settings = {
-        k: v
-        for k, v in sorted(vars(args).items())
-        if k not in ("verbose", "name", "results_dir", "resume", "auto_resume")
-    }
+    # What defines the run (the flags train.cifar checks on --resume, and the stages);
+    # output-only flags (--verbose, --export, --data-dir, ...) may change between calls.
+    defining = (*common.RUN_DEFINING_FLAGS, "stages", "epochs_per_stage")
+    settings = {k: getattr(args, k) for k in sorted(defining) if hasattr(args, k)}
     state_path = os.path.join(folder, STATE_FILE)
     if os.path.exists(state_path):
         with open(state_path) as f:
             saved = json.load(f)
-        changed = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
+        # a flag newer than the saved run: the value that run had
+        saved = {k: saved.get(k, common._FLAG_ADDED_LATER.get(k)) for k in settings}
+        changed = sorted(k for k in settings if saved[k] != settings[k])
         if changed:
             raise common.UsageError(
                 f"{folder} holds a multi-stage run with other settings "
