@@ -264,7 +264,7 @@ def test_a32_keeps_activations_real_and_converts_to_float_convs():
     assert "LceBconv2d" not in ops and ops["CONV_2D"] == 19
 
 
-@pytest.mark.parametrize("name", ["resnet20_1w1a", "birealnet18"])
+@pytest.mark.parametrize("name", ["resnet20_1w1a", pytest.param("birealnet18", marks=SLOW)])
 def test_w32_keeps_weights_real_with_binary_activations(name):
     """32W/1A (ReActNet's first step): every binary conv of the 1W1A model keeps its
     sign activations, its kernel is used as it is, and the model converts (LCE
@@ -438,7 +438,7 @@ BLOCK_ORDER = {  # (layer feeding each binary conv, the chain after it)
         "resnet20_1w1a",
         "resnet20_bireal_1w1a",
         pytest.param("resnet18_1w1a", marks=SLOW),
-        "resnet18_1w1a_imagenet",
+        pytest.param("resnet18_1w1a_imagenet", marks=SLOW),
     ],
 )
 def test_block_variants_are_built_as_published_and_convert(name, block):
@@ -508,6 +508,7 @@ def test_downsample_variants_are_the_collections(mode):
     np.testing.assert_allclose(model(x, training=False).numpy(), expected, rtol=1e-5, atol=1e-5)
 
 
+@SLOW
 def test_downsample_option_builds_converts_and_refuses_option_a():
     model = models.build("resnet18_1w1a_imagenet", downsample="v3", input_shape=(32, 32, 3))
     pools = [l for l in model.layers if isinstance(l, tf.keras.layers.AvgPool2D)]

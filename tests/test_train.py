@@ -720,6 +720,7 @@ def test_cli_rotation_and_mixup_train_and_evaluate(cifar_dir, tmp_path):
     assert m["best_test_top1"] == pytest.approx(100.0 * float(row["val_accuracy"]), abs=1e-2)
 
 
+@pytest.mark.slow  # the block's conversion is tested per model in test_models.py
 def test_cli_react_block_trains_and_converts(cifar_dir, tmp_path):
     argv = ["--data-dir", cifar_dir, "--results-dir", tmp_path, *QUICK, "--name", "react"]
     assert run_cli(*argv, "--block", "react") == 0
