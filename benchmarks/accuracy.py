@@ -31,6 +31,7 @@ import argparse
 import csv
 import json
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -138,8 +139,10 @@ def main(argv=None):
         run = os.path.join(args.results_dir, name)
         if not _finished(run):
             argv = flags(quantizer, padding, seed, name, extra)
-            if os.path.exists(run):
+            if os.path.isdir(os.path.join(run, "checkpoint")):
                 argv.append("--resume")
+            elif os.path.exists(run):  # stopped before its first epoch ended
+                shutil.rmtree(run)
             started = time.time()
             if cifar.main(argv) != 0:
                 raise SystemExit(f"run {name} failed")

@@ -15,9 +15,10 @@ the whole o / mu ramp.
 
 Prints one table per training-set size (rows: variant, columns: epochs; mean over
 seeds) of Keras top-1 and of the last epoch's frozen fraction (the share of latent
-weights whose estimator passes < 1e-3 of the gradient), and draws top-1 against epochs
-(--plot; matplotlib: pip install -r benchmarks/requirements.txt). Finished runs in
---results-dir are not run again: the sweep can be stopped and restarted.
+weights whose estimator derivative is < 1e-3, which the loss can no longer flip), and
+draws top-1 against epochs (--plot; matplotlib: pip install -r
+benchmarks/requirements.txt). Finished runs in --results-dir are not run again: the
+sweep can be stopped and restarted.
 """
 
 from __future__ import annotations

@@ -272,13 +272,16 @@ def estimator_derivatives(model: tf.keras.Model):
 
 
 def frozen_fraction(model: tf.keras.Model, threshold: float = FROZEN_THRESHOLD) -> float:
-    """The fraction of latent binary-kernel weights whose estimator passes less than
-    `threshold` of the gradient (|d q(w)/dw| < threshold): weights the loss can no
-    longer move. STE freezes |w| > 1; BNN++'s SignSwish freezes mu |w| beyond its
-    useful range as mu grows; ReSTE freezes |w| > 1. NaN without binary kernels."""
+    """The fraction of latent binary-kernel weights the loss can no longer flip: those
+    whose estimator derivative d q(w)/dw is below `threshold`, i.e. passes (almost)
+    nothing of the gradient or passes it reversed. STE freezes |w| > 1, the ReSTE
+    reference |w| > 1.5. BNN++'s SignSwish derivative is negative beyond mu |w| ~ 2.4
+    (SS_mu overshoots 1 there): a weight the loss wants flipped is pushed *away* from
+    zero, one it wants kept drifts back to the overshoot's peak, so once mu is large
+    every weight outside |w| < 2.4 / mu keeps its sign. NaN without binary kernels."""
     frozen = total = 0
     for _, derivative in estimator_derivatives(model):
-        frozen += int(tf.reduce_sum(tf.cast(tf.abs(derivative) < threshold, tf.int64)))
+        frozen += int(tf.reduce_sum(tf.cast(derivative < threshold, tf.int64)))
         total += int(tf.size(derivative))
     return frozen / total if total else float("nan")
 

@@ -265,7 +265,7 @@ def test_frozen_fraction_counts_weights_the_estimator_no_longer_moves(quantizer)
     """Kernels set to a known spread; the frozen fraction against each estimator's
     derivative written out here: STE passes nothing beyond |w| > 1, the ReSTE reference
     nothing beyond |w| > 1.5, BNN++'s SignSwish mu (2 - mu w tanh(mu w / 2)) /
-    (1 + cosh(mu w)) falls below 1e-3 beyond mu |w| ~ 14."""
+    (1 + cosh(mu w)) is negative (weights move away from a flip) beyond mu |w| ~ 2.4."""
     from reste_larq import models
 
     model = models.build("resnet20_1w1a", quantizer=quantizer, input_shape=(8, 8, 3))
@@ -288,7 +288,9 @@ def test_frozen_fraction_counts_weights_the_estimator_no_longer_moves(quantizer)
         mu = schedule.mu_at(9)
         with np.errstate(over="ignore"):
             d = mu * (2 - mu * w * np.tanh(mu * w / 2)) / (1 + np.cosh(mu * w))
-        expected = np.mean(np.abs(d) < 1e-3)
-        assert 0.9 < expected < 1.0
+        expected = np.mean(d < 1e-3)
+        # the reversed slopes count: |d| < 1e-3 alone would miss 2.4 < mu |w| < ~14
+        assert expected - np.mean(np.abs(d) < 1e-3) > 0.01
+        assert np.mean(np.abs(w) < 2.4 / mu) == pytest.approx(1 - expected, abs=1e-3)
     assert cb.frozen_fraction(model) == pytest.approx(expected, abs=1e-3)
     assert np.isnan(cb.frozen_fraction(models.build("resnet20_1w1a", quantizer="float")))
