@@ -115,6 +115,7 @@ def plot(args, variants, results):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, axes = plt.subplots(
         1, len(args.train_limits), figsize=(5 * len(args.train_limits), 4), dpi=110
@@ -129,6 +130,7 @@ def plot(args, variants, results):
             ax.plot(args.epochs, top1, "o-", color=f"C{k}", label=variant)
         ax.set_xscale("log")
         ax.set_xticks(args.epochs, [str(e) for e in args.epochs])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("epochs")
         ax.set_ylabel("Keras test top-1 (%)")
         ax.set_title(f"{args.dataset}, {limit} training images")
