@@ -57,6 +57,12 @@ def main(argv=None):
     p.add_argument("--results-dir", default="results/budget_sweep")
     p.add_argument("--plot", default=None, help="PNG (default: RESULTS_DIR/budget_sweep.png)")
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument(
+        "--report",
+        action="store_true",
+        help="train nothing: tabulate and plot the finished cells of the grid (a missing "
+        "cell prints as -), e.g. to combine sweeps run with different epoch lists",
+    )
     args = p.parse_args(argv)
     variants = [(v, *parse_variant(v, p)) for v in args.variants]
     if not args.no_plot:
@@ -73,7 +79,10 @@ def main(argv=None):
                     slug = variant.replace(",", "_").replace("=", "")
                     name = f"{args.dataset}_n{limit}_e{epochs}_{slug}_s{seed}"
                     run = os.path.join(args.results_dir, name)
-                    if not os.path.isfile(os.path.join(run, "metrics.json")):
+                    finished = os.path.isfile(os.path.join(run, "metrics.json"))
+                    if not finished and args.report:
+                        continue
+                    if not finished:
                         argv = [
                             "--dataset", args.dataset, "--quantizer", estimator,
                             "--epochs", str(epochs), "--warmup", "1",
@@ -101,16 +110,21 @@ def main(argv=None):
             print(f"{'variant':<32}" + "".join(f"{f'{e} ep':>10}" for e in args.epochs))
             for variant, *_ in variants:
                 cells = [
-                    statistics.mean(value(m) for m in results[(limit, e, variant)])
+                    f"{statistics.mean(value(m) for m in results[key]):.2f}"
+                    if (key := (limit, e, variant)) in results
+                    else "-"
                     for e in args.epochs
                 ]
-                print(f"{variant:<32}" + "".join(f"{c:>10.2f}" for c in cells))
+                print(f"{variant:<32}" + "".join(f"{c:>10}" for c in cells))
 
     if not args.no_plot:
         plot(args, variants, results)
 
 
 def plot(args, variants, results):
+    """One panel per training-set size (top-1 against the epoch budget, mean over
+    seeds), and one of the longest finished run's epochs at the largest size: test
+    top-1 (solid) and frozen fraction (dashed), the first seed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -118,24 +132,44 @@ def plot(args, variants, results):
     import matplotlib.ticker
 
     fig, axes = plt.subplots(
-        1, len(args.train_limits), figsize=(5 * len(args.train_limits), 4), dpi=110
+        1, len(args.train_limits) + 1, figsize=(5 * (len(args.train_limits) + 1), 4), dpi=110
     )
-    axes = axes if len(args.train_limits) > 1 else [axes]
     for ax, limit in zip(axes, args.train_limits):
         for k, (variant, *_) in enumerate(variants):
+            epochs = [e for e in args.epochs if (limit, e, variant) in results]
             top1 = [
                 statistics.mean(m["test_top1"] for m in results[(limit, e, variant)])
-                for e in args.epochs
+                for e in epochs
             ]
-            ax.plot(args.epochs, top1, "o-", color=f"C{k}", label=variant)
+            ax.plot(epochs, top1, "o-", color=f"C{k}", label=variant)
         ax.set_xscale("log")
         ax.set_xticks(args.epochs, [str(e) for e in args.epochs])
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        ax.set_xlabel("epochs")
+        ax.set_xlabel("epochs (the whole schedule each)")
         ax.set_ylabel("Keras test top-1 (%)")
         ax.set_title(f"{args.dataset}, {limit} training images")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
+
+    ax = axes[-1]
+    frozen_ax = ax.twinx()
+    limit = next((n for n in reversed(args.train_limits) if any(k[0] == n for k in results)), None)
+    longest = max((e for n, e, _ in results if n == limit), default=None)
+    for k, (variant, *_) in enumerate(variants):
+        runs = results.get((limit, longest, variant))
+        if not runs:
+            continue
+        per_epoch = runs[0]["per_epoch"]
+        x = [r["epoch"] + 1 for r in per_epoch]
+        ax.plot(x, [100 * r["val_accuracy"] for r in per_epoch], "-", color=f"C{k}", label=variant)
+        frozen_ax.plot(x, [100 * r["frozen_fraction"] for r in per_epoch], "--", color=f"C{k}")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test top-1 (%), solid")
+    frozen_ax.set_ylabel("frozen kernel weights (%), dashed")
+    frozen_ax.set_ylim(0, 100)
+    ax.set_title(f"the {longest}-epoch runs, {limit} images, seed {args.seeds[0]}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center right")
     fig.tight_layout()
     path = args.plot or os.path.join(args.results_dir, "budget_sweep.png")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
