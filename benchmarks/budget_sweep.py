@@ -4,6 +4,7 @@
     python benchmarks/budget_sweep.py --train-limits 10000 60000 --epochs 2 5 10 20 \\
         --variants reste ste bnnpp "bnnpp,mu_start=5,mu_end=50" "reste,o_end=2" \\
         --seeds 1234 1235
+    python benchmarks/budget_sweep.py --report ...          # tables and plot only
 
 A variant is an estimator name with optional `train.cifar` settings after commas
 (`flag=value`, flags without their dashes: o_end, mu_start, mu_end, lr, ...). Every
@@ -16,9 +17,12 @@ the whole o / mu ramp.
 Prints one table per training-set size (rows: variant, columns: epochs; mean over
 seeds) of Keras top-1 and of the last epoch's frozen fraction (the share of latent
 weights whose estimator derivative is < 1e-3, which the loss can no longer flip), and
-draws top-1 against epochs (--plot; matplotlib: pip install -r
-benchmarks/requirements.txt). Finished runs in --results-dir are not run again: the
-sweep can be stopped and restarted.
+draws top-1 against epochs, beside the longest run's per-epoch top-1 and frozen
+fraction (--plot; matplotlib: pip install -r benchmarks/requirements.txt).
+
+Finished runs in --results-dir are not run again: the sweep can be stopped and
+restarted, and sweeps over different grids (or several run side by side) combine with
+--report, which trains nothing and prints a missing cell as -.
 """
 
 from __future__ import annotations
