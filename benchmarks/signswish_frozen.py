@@ -50,13 +50,16 @@ def main(argv=None):
 
     import tensorflow as tf
 
-    tf.keras.utils.set_random_seed(args.seed)
-    model = models.build(
-        args.model,
-        quantizer="bnnpp",
-        input_shape=tuple(args.input_shape),
-        num_classes=args.num_classes,
-    )
+    def build(quantizer):
+        tf.keras.utils.set_random_seed(args.seed)
+        return models.build(
+            args.model,
+            quantizer=quantizer,
+            input_shape=tuple(args.input_shape),
+            num_classes=args.num_classes,
+        )
+
+    model = build("bnnpp")
     kernels = np.concatenate([k.numpy().ravel() for k in callbacks.binary_kernels(model)])
     print(
         f"{args.model}, {kernels.size} binary-kernel weights at initialization (seed "
@@ -71,18 +74,12 @@ def main(argv=None):
             f"{mean_derivative(model):>12.2f}"
         )
 
-    tf.keras.utils.set_random_seed(args.seed)
-    reste = models.build(
-        args.model,
-        quantizer="reste",
-        input_shape=tuple(args.input_shape),
-        num_classes=args.num_classes,
-    )
-    print(f"\nReSTE on the same model: {'o':>4}{'mean dq/dw':>12}")
+    reste = build("reste")
+    print(f"\nReSTE, same model and seed: {'o':>4}{'mean dq/dw':>12}")
     for o in args.o:
         for q in scheduled_quantizers(reste, ReSTE):
             q.o = o
-        print(f"{'':>24}{o:>4g}{mean_derivative(reste):>12.2f}")
+        print(f"{'':>27}{o:>4g}{mean_derivative(reste):>12.2f}")
 
     schedule = callbacks.EstimatorSchedule(100, mu_start=args.mu_start, mu_end=args.mu_end)
     print(f"\nthe schedule's mu ({args.mu_start:g} -> {args.mu_end:g}, cosine ramp):")
