@@ -105,6 +105,8 @@ def main(argv=None):
                     with open(os.path.join(run, "metrics.json")) as f:
                         results.setdefault((limit, epochs, variant), []).append(json.load(f))
 
+    if not results:
+        p.error(f"no finished cell of this grid in {args.results_dir}: run it without --report")
     for limit in args.train_limits:
         for title, value in (
             ("Keras top-1", lambda m: m["test_top1"]),

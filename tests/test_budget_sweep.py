@@ -48,6 +48,13 @@ def test_report_tabulates_finished_cells_and_marks_missing_ones(budget_sweep, tm
     ]
 
 
+def test_report_without_finished_cells_is_an_error(budget_sweep, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        budget_sweep.main(["--report", "--no-plot", "--results-dir", str(tmp_path)])
+    assert "no finished cell" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+
+
 def test_variant_settings_become_train_cifar_flags(budget_sweep):
     parser = budget_sweep.argparse.ArgumentParser()
     assert budget_sweep.parse_variant("bnnpp,mu_start=10,mu_end=50", parser) == (
