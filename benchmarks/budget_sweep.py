@@ -83,10 +83,9 @@ def main(argv=None):
                     slug = variant.replace(",", "_").replace("=", "")
                     name = f"{args.dataset}_n{limit}_e{epochs}_{slug}_s{seed}"
                     run = os.path.join(args.results_dir, name)
-                    finished = os.path.isfile(os.path.join(run, "metrics.json"))
-                    if not finished and args.report:
-                        continue
-                    if not finished:
+                    if not os.path.isfile(os.path.join(run, "metrics.json")):
+                        if args.report:
+                            continue
                         argv = [
                             "--dataset", args.dataset, "--quantizer", estimator,
                             "--epochs", str(epochs), "--warmup", "1",
