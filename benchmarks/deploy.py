@@ -24,8 +24,9 @@ import statistics
 import tempfile
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import reste_larq  # noqa: E402,F401  (first: TensorFlow with Keras 2 as tf.keras)
 
+# isort: split
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 

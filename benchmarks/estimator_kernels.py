@@ -19,8 +19,9 @@ import os
 import statistics
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import reste_larq  # noqa: E402,F401  (first: TensorFlow with Keras 2 as tf.keras)
 
+# isort: split
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 

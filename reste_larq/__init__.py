@@ -12,12 +12,16 @@ flatbuffer = reste_larq.export.convert(model)
 ```
 """
 
+from reste_larq import _tensorflow
+
 try:
-    import tensorflow  # noqa: F401
-except ModuleNotFoundError as error:  # pragma: no cover - an install without an extra
+    # Before anything else imports TensorFlow: Keras 2 as tf.keras (TF_USE_LEGACY_KERAS).
+    _tensorflow.import_tensorflow()
+except ModuleNotFoundError as error:  # pragma: no cover - an install without TensorFlow
+    if error.name != "tensorflow":
+        raise
     raise ModuleNotFoundError(
-        "reste_larq needs TensorFlow 2.15: pip install -e '.[cpu]' (or '.[gpu]' on a CUDA "
-        "machine), or pip install -r requirements.txt"
+        f"reste_larq needs {_tensorflow.SUPPORTED}, or pip install -e '.[gpu]' on a CUDA machine"
     ) from error
 
 from reste_larq import (  # noqa: E402,F401  (quantizers registers the names)

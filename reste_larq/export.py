@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import time
 import warnings
 
 import larq as lq
@@ -154,17 +155,34 @@ def tflite_predictions(
     dataset: tf.data.Dataset,
     num_threads: int | None = None,
     limit: int | None = None,
+    progress: bool = False,
 ):
     """(logits, labels) of the converted model over a batched (image, label) dataset,
     with LCE's interpreter on `num_threads` threads (default: every core), for the
-    first `limit` images (default: all)."""
+    first `limit` images (default: all). `progress`: a Keras progress bar with the
+    images done and images/s."""
     it = interpreter(flatbuffer, num_threads or os.cpu_count() or 1)
     if limit:
         dataset = dataset.unbatch().take(limit).batch(64)
+    batches = int(dataset.cardinality())
+    bar = None
     all_logits, all_labels = [], []
-    for images, labels in dataset.as_numpy_iterator():
+    done, started = 0, time.perf_counter()
+    for step, (images, labels) in enumerate(dataset.as_numpy_iterator(), 1):
         all_logits.append(np.asarray(it.predict(images.astype(np.float32))))
         all_labels.append(labels)
+        done += len(labels)
+        if progress:
+            if bar is None:  # images: batches x the first batch's size, exact at the end
+                target = batches * len(labels) if batches > 0 else None
+                bar = tf.keras.utils.Progbar(
+                    target, unit_name="image", stateful_metrics=["images/s"]
+                )
+            last = step == batches
+            if last:
+                bar.target = done
+            rate = done / max(time.perf_counter() - started, 1e-9)
+            bar.update(done, [("images/s", rate)], finalize=last)
     if not all_logits:
         raise ConfigError("the evaluation dataset is empty")
     logits = np.concatenate(all_logits).reshape(-1, all_logits[0].shape[-1])

@@ -1,14 +1,12 @@
-import os
+# First: it imports TensorFlow with Keras 2 as tf.keras, and registers the quantizer names.
+import reste_larq  # noqa: F401
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# isort: split
+import gc
+import logging
 
-import gc  # noqa: E402
-import logging  # noqa: E402
-
-import pytest  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-import reste_larq  # noqa: E402,F401  (registers the quantizer names)
+import pytest
+import tensorflow as tf
 
 # Larq warns on every binary conv without a kernel constraint (the reference uses none).
 logging.getLogger("larq").setLevel(logging.ERROR)

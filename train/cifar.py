@@ -128,4 +128,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    common.filter_cpp_logs()  # XLA's and the runtime's C++ log lines (TF_CPP_MIN_LOG_LEVEL)
     sys.exit(main())

@@ -17,18 +17,17 @@ import sys
 import tempfile
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import numpy as np
+import tensorflow as tf
 
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-from reste_larq import callbacks as cb  # noqa: E402
-from reste_larq import export, models, training  # noqa: E402
-from reste_larq.data import DATASETS, with_mean_std  # noqa: E402
-from reste_larq.distill import Distiller  # noqa: E402
-from reste_larq.errors import ConfigError, DataFormatError, DataNotFoundError  # noqa: E402
-from reste_larq.models.blocks import BLOCKS, DOWNSAMPLES  # noqa: E402
-from reste_larq.quantizers import canonical_estimator, estimators  # noqa: E402
+from reste_larq import callbacks as cb
+from reste_larq import export, models, training
+from reste_larq._tensorflow import filter_cpp_logs  # noqa: F401  (for the CLI modules)
+from reste_larq.data import DATASETS, with_mean_std
+from reste_larq.distill import Distiller
+from reste_larq.errors import ConfigError, DataFormatError, DataNotFoundError
+from reste_larq.models.blocks import BLOCKS, DOWNSAMPLES
+from reste_larq.quantizers import canonical_estimator, estimators
 
 PRECISION_POLICIES = {"off": "float32", "float16": "mixed_float16", "bfloat16": "mixed_bfloat16"}
 ADAM_LR = 1e-3  # Adam's usual rate in the Bi-Real / BNN-tricks recipes
@@ -869,6 +868,13 @@ def _train(args, load_data, strategy, directory, out, teacher_args, init_checkpo
     started = time.time()
     if first_epoch < args.epochs:
         train_ds, steps = data.make_train(first_epoch)
+        if chief:
+            print(
+                f"training {args.model} ({args.quantizer}) on {args.dataset}: "
+                f"{args.epochs - first_epoch} epochs of {steps} steps, batch {args.batch_size}; "
+                f"run folder {directory}",
+                flush=True,
+            )
         model.fit(
             train_ds,
             epochs=args.epochs,
@@ -891,7 +897,9 @@ def _train(args, load_data, strategy, directory, out, teacher_args, init_checkpo
         twin.set_weights(student.get_weights())
         student = twin
     student.save_weights(os.path.join(out, "final.weights.h5"))
-    print(f"final weights sha256: {weights_digest(student)}", flush=True)
+    digest = weights_digest(student)
+    if args.strategy == "multi_worker":  # every worker prints it: equal means in step
+        print(f"final weights sha256: {digest}", flush=True)
     if not chief:
         # The chief evaluates, exports and writes metrics.json. Wait for it: a worker
         # that exits first fails the chief's coordination service (heartbeat timeout).
@@ -902,6 +910,7 @@ def _train(args, load_data, strategy, directory, out, teacher_args, init_checkpo
     metrics.update(best)
     metrics["per_epoch"] = _per_epoch(os.path.join(out, "history.csv"))
     metrics["train_seconds"] = round(time.time() - started, 1)
+    metrics["weights_sha256"] = digest
     if teacher_args is not None:
         teacher_metrics = os.path.join(args.teacher, "metrics.json")
         metrics["teacher"] = args.teacher
@@ -956,11 +965,19 @@ def _final_metrics(args, model, data, schedule):
 def _export(model, data, directory=None, eval_limit=None):
     """Convert with LCE, evaluate the flatbuffer with LCE's interpreter, and (with a
     run directory) write model.tflite."""
+    print("converting to a TFLite flatbuffer with Larq Compute Engine ...", flush=True)
     flatbuffer = export.convert(model)
     if directory:
         export.write_atomic(os.path.join(directory, "model.tflite"), flatbuffer)
     ops = export.op_counts(flatbuffer)
-    logits, labels = export.tflite_predictions(flatbuffer, data.eval_ds, limit=eval_limit)
+    print(
+        f"evaluating the .tflite with LCE's interpreter ({ops.get('LceBconv2d', 0)} "
+        "LceBconv2d; x86 runs LCE's reference kernels, ARM its fast ones)",
+        flush=True,
+    )
+    logits, labels = export.tflite_predictions(
+        flatbuffer, data.eval_ds, limit=eval_limit, progress=True
+    )
     return {
         "tflite_eval_images": len(labels),
         "tflite_test_top1": round(export.topk_accuracy(logits, labels, 1), 4),
