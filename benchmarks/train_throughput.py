@@ -3,6 +3,8 @@
     python benchmarks/train_throughput.py                 # batch 128, 5 rounds
     python benchmarks/train_throughput.py --rounds 9 --steps 20
     python benchmarks/train_throughput.py --estimators reste reste+jit reste+bf16 float
+    python benchmarks/train_throughput.py --estimators reste float \
+        --pythons .venv-tf215/bin/python .venv/bin/python    # two stacks, interleaved
 
 A variant is an estimator name ("float": the full-precision twin) with options: +jit
 (`model.compile(jit_compile=True)`, the CLI's --jit-compile), +bf16 / +fp16 (Keras
@@ -16,6 +18,11 @@ drifts of the machine hit every estimator alike. Prints median and min-max image
 per estimator and, last, `reste/ste throughput ratio: X.XX` (the ratio of medians).
 Synthetic 32x32x3 inputs: throughput does not depend on pixel values.
 
+`--pythons` compares environments (e.g. two TensorFlow stacks): each round runs this
+script once in a fresh process of every interpreter in turn (the order shuffled each
+round), each process warming up and timing every estimator once; the table then has
+one row per interpreter and estimator.
+
 tf.data autotuning is off for the timed dataset: with it on, each `fit` ends by
 waiting for the autotune thread's next wake-up when its iterator is deleted (0-0.5 s
 after the last step here), which rounds every short fit up to a fixed period and made
@@ -25,9 +32,12 @@ the same model measure 754 or 376 img/s from call to call.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import statistics
+import subprocess
+import sys
 import time
 
 import reste_larq  # noqa: E402,F401  (first: TensorFlow with Keras 2 as tf.keras)
@@ -82,7 +92,16 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=15, help="batches per timed fit")
     p.add_argument("--rounds", type=int, default=5, help="timed fits per estimator (>= 5)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--pythons",
+        nargs="+",
+        default=None,
+        help="interpreters (environments) to compare, interleaved round by round",
+    )
+    p.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # for --pythons
     args = p.parse_args(argv)
+    if args.pythons:
+        return compare_pythons(args, argv if argv is not None else sys.argv[1:])
 
     rng = np.random.default_rng(args.seed)
     images = rng.standard_normal((args.batch_size * args.steps, 32, 32, 3), dtype=np.float32)
@@ -107,6 +126,9 @@ def main(argv=None):
             compiled[name].fit(data, epochs=1, verbose=0)
             rates[name].append(len(images) / (time.perf_counter() - start))
 
+    if args.json:
+        print(json.dumps({"tensorflow": tf.__version__, "rates": rates}))
+        return rates
     print(
         f"model {args.model}, batch {args.batch_size}, {args.steps} steps x {args.rounds} "
         f"interleaved rounds, {os.cpu_count()} CPUs, TF {tf.__version__}"
@@ -122,6 +144,52 @@ def main(argv=None):
             print(f"{name}/reste throughput ratio: {medians[name] / medians['reste']:.2f}")
     if "reste" in medians and "ste" in medians:
         print(f"reste/ste throughput ratio: {medians['reste'] / medians['ste']:.2f}")
+    return medians
+
+
+def compare_pythons(args, argv):
+    """--pythons: one fresh process per interpreter and round, in a shuffled order."""
+    child = [a for a in argv if a not in args.pythons and a != "--pythons"]
+    child += ["--rounds", "1", "--json"]
+    rates = {python: {name: [] for name in args.estimators} for python in args.pythons}
+    versions = {}
+    order = list(args.pythons)
+    shuffle = random.Random(args.seed)
+    for round_ in range(args.rounds):
+        shuffle.shuffle(order)
+        for python in order:
+            print(f"round {round_ + 1}/{args.rounds}: {python}", flush=True)
+            out = subprocess.run(
+                [python, os.path.abspath(__file__), *child],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+            result = json.loads(out.strip().splitlines()[-1])
+            versions[python] = result["tensorflow"]
+            for name, values in result["rates"].items():
+                rates[python][name] += values
+    print(
+        f"model {args.model}, batch {args.batch_size}, {args.steps} steps, {args.rounds} "
+        f"interleaved rounds of one process per interpreter, {os.cpu_count()} CPUs"
+    )
+    print(
+        f"{'interpreter':<28}{'TF':>8} {'estimator':<16}{'median img/s':>14}{'min':>10}{'max':>10}"
+    )
+    medians = {}
+    for python in args.pythons:
+        for name in args.estimators:
+            r = rates[python][name]
+            medians[python, name] = statistics.median(r)
+            print(
+                f"{python:<28}{versions[python]:>8} {name:<16}{medians[python, name]:>14.1f}"
+                f"{min(r):>10.1f}{max(r):>10.1f}"
+            )
+    first = args.pythons[0]
+    for python in args.pythons[1:]:
+        for name in args.estimators:
+            ratio = medians[python, name] / medians[first, name]
+            print(f"{name}: {python} / {first} throughput ratio: {ratio:.2f}")
     return medians
 
 

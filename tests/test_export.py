@@ -105,3 +105,25 @@ def test_cli_export_packed_and_evaluate_it(tmp_path, capsys):
     )
     printed = json.loads(capsys.readouterr().out)
     assert printed["test_top1"] == m["test_top1"] and printed["test_top5"] == m["test_top5"]
+
+
+def test_tflite_predictions_show_progress_with_images_per_second(capsys):
+    import tensorflow as tf
+
+    inputs = tf.keras.Input((6, 6, 2))
+    x = lq.layers.QuantConv2D(
+        4, 3, input_quantizer="ste_sign", kernel_quantizer="ste_sign", use_bias=False
+    )(inputs)
+    outputs = tf.keras.layers.Dense(3)(tf.keras.layers.Flatten()(x))
+    model = tf.keras.Model(inputs, outputs)
+    flatbuffer = export.convert(model)
+    images = np.random.default_rng(0).standard_normal((10, 6, 6, 2)).astype(np.float32)
+    dataset = tf.data.Dataset.from_tensor_slices((images, np.arange(10) % 3)).batch(4)
+    capsys.readouterr()
+    logits, labels = export.tflite_predictions(flatbuffer, dataset, progress=True)
+    shown = capsys.readouterr().out
+    assert "10/10" in shown and "images/s:" in shown, shown  # the last batch is 2 images
+    np.testing.assert_allclose(logits, model.predict(images, verbose=0), atol=1e-4)
+    assert list(labels) == list(np.arange(10) % 3)
+    export.tflite_predictions(flatbuffer, dataset)  # progress is opt-in
+    assert capsys.readouterr().out == ""
