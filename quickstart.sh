@@ -23,7 +23,7 @@ echo "== Installing the stack into .venv (requirements.txt: TensorFlow 2.19, tf-
 echo "   about 1.5 GB and a few minutes the first time, seconds after that)"
 pip install --disable-pip-version-check -r requirements.txt | { grep -v '^Requirement already satisfied' || true; }
 pip install --disable-pip-version-check -q --no-deps -e .
-python -c 'import reste_larq, tensorflow as tf, larq_compute_engine as lce; print(f"   installed: TensorFlow {tf.__version__}, tf.keras {tf.keras.Model.__module__.split(\".\")[0]}, LCE {lce.__version__}")'
+python -c 'import reste_larq, tensorflow as tf, larq_compute_engine as lce; print("   installed: TensorFlow", tf.__version__, "with", tf.keras.Model.__module__.split(".")[0], "as tf.keras; LCE", lce.__version__)'
 
 data=/usr/share/datasets/fashion-mnist
 if [ ! -d "$data" ]; then

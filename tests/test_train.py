@@ -257,14 +257,16 @@ def test_init_from_a32_run(cifar_dir, tmp_path):
     ],
 )
 def test_bad_input_exits_with_one_line(argv, message, tmp_path, capsys):
+    results = tmp_path / "results"
     try:
-        code = run_cli("--results-dir", tmp_path, "--no-download", *argv)
+        code = run_cli("--results-dir", results, "--no-download", *argv)
     except SystemExit as exit_:  # argparse
         code = exit_.code
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
-    assert not os.path.exists(tmp_path / "never-ran" / "metrics.json")
+    # Nothing written: no run folder, no results folder, or an empty one.
+    assert not results.exists() or os.listdir(results) == [], os.listdir(results)
 
 
 def test_cli_subprocess_error_has_no_traceback(tmp_path):
