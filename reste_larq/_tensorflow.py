@@ -20,6 +20,7 @@ runtime's absl logging ignore the variable later on too: the command lines call
 from __future__ import annotations
 
 import atexit
+import importlib.util
 import os
 import re
 import sys
@@ -134,7 +135,10 @@ def import_tensorflow():
     """TensorFlow with Keras 2 as `tf.keras` (see the module docstring); returns `tf`."""
     imported = "tensorflow" in sys.modules
     if not imported:
-        os.environ[LEGACY_KERAS] = "1"  # read by TensorFlow's import
+        # Read by TensorFlow's import. Only where tf-keras is installed: TensorFlow 2.15
+        # (whose tf.keras is Keras 2 anyway) would look for it too and fail.
+        if importlib.util.find_spec("tf_keras") is not None:
+            os.environ[LEGACY_KERAS] = "1"
         level = _log_level()
         os.environ[LOG_LEVEL] = str(level)
         if level >= 2:
