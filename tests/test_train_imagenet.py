@@ -101,6 +101,12 @@ MOCK_RUN = [
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="known bug, found 2026-12-02 running the whole slow suite: two runs "
+    "with the same seed on TFDS mock data differ from epoch 2 or 3, on TF 2.15.1 and 2.19.1 "
+    "alike; strict, so a fix makes this test fail until the mark is removed",
+)
 def test_imagenet_resume_after_crash_ends_where_uninterrupted_run_ends(tmp_path, monkeypatch):
     """As the CIFAR test: a run killed at the start of epoch 3 and resumed sees the
     batches an uninterrupted run sees (order and crops are functions of seed, epoch)."""
