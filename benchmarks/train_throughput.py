@@ -159,12 +159,12 @@ def compare_pythons(args, argv):
         shuffle.shuffle(order)
         for python in order:
             print(f"round {round_ + 1}/{args.rounds}: {python}", flush=True)
-            out = subprocess.run(
-                [python, os.path.abspath(__file__), *child],
-                capture_output=True,
-                text=True,
-                check=True,
-            ).stdout
+            done = subprocess.run(
+                [python, os.path.abspath(__file__), *child], capture_output=True, text=True
+            )
+            if done.returncode:
+                sys.exit(f"{python} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+            out = done.stdout
             result = json.loads(out.strip().splitlines()[-1])
             versions[python] = result["tensorflow"]
             for name, values in result["rates"].items():
