@@ -153,6 +153,9 @@ def compare_pythons(args, argv):
     child += ["--rounds", "1", "--json"]
     rates = {python: {name: [] for name in args.estimators} for python in args.pythons}
     versions = {}
+    # This process's `import reste_larq` set TF_USE_LEGACY_KERAS; each interpreter's own
+    # import decides for its stack (TensorFlow 2.15 without tf-keras must not see it).
+    env = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
     order = list(args.pythons)
     shuffle = random.Random(args.seed)
     for round_ in range(args.rounds):
@@ -160,7 +163,10 @@ def compare_pythons(args, argv):
         for python in order:
             print(f"round {round_ + 1}/{args.rounds}: {python}", flush=True)
             done = subprocess.run(
-                [python, os.path.abspath(__file__), *child], capture_output=True, text=True
+                [python, os.path.abspath(__file__), *child],
+                capture_output=True,
+                text=True,
+                env=env,
             )
             if done.returncode:
                 sys.exit(f"{python} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
