@@ -13,8 +13,10 @@ representative of ARM devices.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
+import sys
 import time
 import warnings
 
@@ -160,7 +162,8 @@ def tflite_predictions(
     """(logits, labels) of the converted model over a batched (image, label) dataset,
     with LCE's interpreter on `num_threads` threads (default: every core), for the
     first `limit` images (default: all). `progress`: a Keras progress bar with the
-    images done and images/s."""
+    images done and images/s, on stderr (stdout stays the caller's: the CLI's metrics
+    JSON)."""
     it = interpreter(flatbuffer, num_threads or os.cpu_count() or 1)
     if limit:
         dataset = dataset.unbatch().take(limit).batch(64)
@@ -175,14 +178,16 @@ def tflite_predictions(
         if progress:
             if bar is None:  # images: batches x the first batch's size, exact at the end
                 target = batches * len(labels) if batches > 0 else None
-                bar = tf.keras.utils.Progbar(
-                    target, unit_name="image", stateful_metrics=["images/s"]
-                )
+                with contextlib.redirect_stdout(sys.stderr):  # its isatty() decides the look
+                    bar = tf.keras.utils.Progbar(
+                        target, unit_name="image", stateful_metrics=["images/s"]
+                    )
             last = step == batches
             if last:
                 bar.target = done
             rate = done / max(time.perf_counter() - started, 1e-9)
-            bar.update(done, [("images/s", rate)], finalize=last)
+            with contextlib.redirect_stdout(sys.stderr):  # Keras' Progbar writes to stdout
+                bar.update(done, [("images/s", rate)], finalize=last)
     if not all_logits:
         raise ConfigError("the evaluation dataset is empty")
     logits = np.concatenate(all_logits).reshape(-1, all_logits[0].shape[-1])

@@ -965,7 +965,8 @@ def _final_metrics(args, model, data, schedule):
 def _export(model, data, directory=None, eval_limit=None):
     """Convert with LCE, evaluate the flatbuffer with LCE's interpreter, and (with a
     run directory) write model.tflite."""
-    print("converting to a TFLite flatbuffer with Larq Compute Engine ...", flush=True)
+    # Status lines go to stderr: stdout carries the metrics JSON (--evaluate > m.json).
+    print("converting to a TFLite flatbuffer with Larq Compute Engine ...", file=sys.stderr)
     flatbuffer = export.convert(model)
     if directory:
         export.write_atomic(os.path.join(directory, "model.tflite"), flatbuffer)
@@ -973,7 +974,7 @@ def _export(model, data, directory=None, eval_limit=None):
     print(
         f"evaluating the .tflite with LCE's interpreter ({ops.get('LceBconv2d', 0)} "
         "LceBconv2d; x86 runs LCE's reference kernels, ARM its fast ones)",
-        flush=True,
+        file=sys.stderr,
     )
     logits, labels = export.tflite_predictions(
         flatbuffer, data.eval_ds, limit=eval_limit, progress=True
