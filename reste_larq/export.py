@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import logging
 import os
 import sys
+import tempfile
 import time
-import warnings
 
 import larq as lq
 import numpy as np
@@ -61,21 +60,56 @@ def float32_twin(model: tf.keras.Model) -> tf.keras.Model:
 
 
 def convert(model: tf.keras.Model) -> bytes:
-    """Convert with Larq Compute Engine (binary convs become LceBconv2d). A
-    mixed-precision model is converted as its `float32_twin`."""
+    """Convert with Larq Compute Engine: every binary conv becomes LceBconv2d, or a
+    `ConfigError` says how many did not (a quantizer LCE does not recognize as a sign).
+    A mixed-precision model is converted as its `float32_twin`.
+
+    A model with Keras inputs (functional or sequential) is saved as a SavedModel
+    holding one inference signature, ``model(x, training=False)``, and its variables,
+    then converted with `lce.convert_saved_model`. That is what
+    `lce.convert_keras_model` converts, less the Keras SavedModel's traces of every
+    layer's call in both training modes: about 3x faster here (ResNet-20: 7 s against
+    21 s), with the same flatbuffer byte for byte (the signature keeps Keras' input and
+    output names). Other models go through `lce.convert_keras_model`."""
     import larq_compute_engine as lce
 
     if is_mixed_precision(model):
         model = float32_twin(model)
+    if getattr(model, "_is_graph_network", False) or isinstance(model, tf.keras.Sequential):
+        with tempfile.TemporaryDirectory() as directory:
+            _save_inference_signature(model, directory)
+            flatbuffer = lce.convert_saved_model(directory)
+    else:
+        flatbuffer = lce.convert_keras_model(model)
+    expected, found = count_binary_convs(model), op_counts(flatbuffer).get("LceBconv2d", 0)
+    if found != expected:
+        raise ConfigError(
+            f"LCE converted {found} of the model's {expected} binary convs to LceBconv2d: "
+            "a binary conv whose quantizers LCE does not read as a sign runs as a float "
+            "conv (see docs/models.md)"
+        )
+    return flatbuffer
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        previous = tf.get_logger().level
-        tf.get_logger().setLevel(logging.ERROR)
-        try:
-            return lce.convert_keras_model(model)
-        finally:
-            tf.get_logger().setLevel(previous)
+
+def _save_inference_signature(model: tf.keras.Model, directory: str):
+    """A SavedModel with one serving signature, ``model(x, training=False)``, named as
+    Keras names it (inputs by their Input layers, outputs by their layers), and only the
+    variables that signature reads."""
+    specs = [
+        tf.TensorSpec(tensor.shape, tensor.dtype, name=name)
+        for tensor, name in zip(model.inputs, model.input_names)
+    ]
+
+    def serve(*inputs):
+        outputs = model(list(inputs) if len(inputs) > 1 else inputs[0], training=False)
+        outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+        return dict(zip(model.output_names, outputs))
+
+    module = tf.Module()
+    module.serve = tf.function(serve, input_signature=specs)
+    # Tracked, so that the SavedModel stores them (quantizers' o and mu included).
+    module.captured_variables = list(module.serve.get_concrete_function().variables)
+    tf.saved_model.save(module, directory, signatures=module.serve)
 
 
 def convert_float(model: tf.keras.Model) -> bytes:

@@ -110,12 +110,7 @@ def test_cli_export_packed_and_evaluate_it(tmp_path, capsys):
 def test_tflite_predictions_show_progress_with_images_per_second(capsys):
     import tensorflow as tf
 
-    inputs = tf.keras.Input((6, 6, 2))
-    x = lq.layers.QuantConv2D(
-        4, 3, input_quantizer="ste_sign", kernel_quantizer="ste_sign", use_bias=False
-    )(inputs)
-    outputs = tf.keras.layers.Dense(3)(tf.keras.layers.Flatten()(x))
-    model = tf.keras.Model(inputs, outputs)
+    model = tiny_binary_model()
     flatbuffer = export.convert(model)
     images = np.random.default_rng(0).standard_normal((10, 6, 6, 2)).astype(np.float32)
     dataset = tf.data.Dataset.from_tensor_slices((images, np.arange(10) % 3)).batch(4)
@@ -128,3 +123,33 @@ def test_tflite_predictions_show_progress_with_images_per_second(capsys):
     assert list(labels) == list(np.arange(10) % 3)
     export.tflite_predictions(flatbuffer, dataset)  # progress is opt-in
     assert capsys.readouterr() == ("", "")
+
+
+def tiny_binary_model(kernel_quantizer="ste_sign"):
+    import tensorflow as tf
+
+    inputs = tf.keras.Input((6, 6, 2), name="image")
+    x = lq.layers.QuantConv2D(
+        4, 3, input_quantizer="ste_sign", kernel_quantizer=kernel_quantizer, use_bias=False
+    )(inputs)
+    outputs = tf.keras.layers.Dense(3, name="logits")(tf.keras.layers.Flatten()(x))
+    return tf.keras.Model(inputs, outputs)
+
+
+def test_convert_is_lces_keras_conversion_byte_for_byte():
+    """export.convert saves one inference signature instead of Keras' SavedModel: the
+    flatbuffer must be the one `lce.convert_keras_model` makes (a ResNet-20 and every
+    model: tests/test_models.py's slow conversion tests)."""
+    import larq_compute_engine as lce
+
+    for model in (tiny_binary_model(), with_trained_batchnorm(models.build("resnet20_1w1a"))):
+        assert export.convert(model) == lce.convert_keras_model(model)
+
+
+def test_a_binary_conv_lce_leaves_float_is_an_error():
+    # DoReFa at 1 bit is a 1-bit kernel quantizer (precision 1) that LCE does not read
+    # as a sign: the conv would run as a float conv on the device.
+    model = tiny_binary_model(lq.quantizers.DoReFa(k_bit=1))
+    assert export.count_binary_convs(model) == 1
+    with pytest.raises(ConfigError, match="converted 0 of the model's 1 binary convs"):
+        export.convert(model)
