@@ -182,8 +182,37 @@ def test_augmentation_is_crop_and_flip_of_the_image():
     assert seen_flip and seen_shift
 
 
-def test_mnist_is_not_flipped():
-    assert not data.info("mnist").flip and data.info("fashion_mnist").flip
+def crops_of(image, pad=4):
+    """Every (dy, dx, flipped) crop of the zero-padded image, as a dict key -> crop."""
+    h, w = image.shape[:2]
+    padded = np.pad(image, [(pad, pad), (pad, pad), (0, 0)])
+    return {
+        (dy, dx, flip): (crop[:, ::-1] if flip else crop)
+        for dy in range(2 * pad + 1)
+        for dx in range(2 * pad + 1)
+        for crop in [padded[dy : dy + h, dx : dx + w]]
+        for flip in (False, True)
+    }
+
+
+@pytest.mark.parametrize("name, flips", [("mnist", False), ("fashion_mnist", True)])
+def test_digits_are_never_mirrored_by_the_training_pipeline(name, flips):
+    """MNIST digits are not left-right symmetric classes (a mirrored 2 is no 2): the
+    training pipeline's every output is an unmirrored crop of its image; Fashion-MNIST's
+    clothes may be mirrored, and are."""
+    info = data.info(name)
+    rng = np.random.default_rng(0)
+    images = rng.integers(1, 256, (8, 28, 28, 1), dtype=np.uint8)  # no symmetric image
+    dataset, _ = data.train_dataset(images, np.arange(8), info, 4, seed=3, first_epoch=0, epochs=3)
+    candidates = [crops_of(image) for image in images]
+    mirrored = 0
+    for x, y in dataset:
+        for out, label in zip(x.numpy(), y.numpy()):
+            pixels = np.rint((out * np.array(info.std) + np.array(info.mean)) * 255)
+            found = [key for key, crop in candidates[label].items() if np.array_equal(pixels, crop)]
+            assert found, "not a crop of its image"
+            mirrored += all(flip for _, _, flip in found)
+    assert (mirrored > 0) == flips, mirrored
 
 
 def test_normalization_uses_reference_statistics():
