@@ -75,7 +75,7 @@ def check_outputs(run, quantizer="reste"):
     return m
 
 
-def test_end_to_end_on_official_cifar_folder(cifar_dir, tmp_path):
+def test_end_to_end_on_official_cifar_folder(cifar_dir, tmp_path, capsys):
     assert (
         run_cli(
             "--data-dir",
@@ -101,6 +101,7 @@ def test_end_to_end_on_official_cifar_folder(cifar_dir, tmp_path):
     assert m["args"]["warmup"] == 1 and m["epochs"] == 2
 
     # --evaluate reproduces the saved metrics from the checkpoint
+    capsys.readouterr()
     assert (
         run_cli(
             "--evaluate",
@@ -115,6 +116,10 @@ def test_end_to_end_on_official_cifar_folder(cifar_dir, tmp_path):
         )
         == 0
     )
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["evaluated_epoch"] == 2
+    for key in ("test_top1", "test_top5", "tflite_test_top1", "tflite_test_top5", "o_final"):
+        assert printed[key] == m[key], key
 
 
 def test_evaluate_reproduces_metrics(cifar_dir, tmp_path, capsys):
@@ -200,12 +205,9 @@ def test_resume_after_crash_ends_where_uninterrupted_run_ends(
     assert "resuming" in capsys.readouterr().out
     straight, resumed = history(str(tmp_path / "straight")), history(crashed)
     assert [r["epoch"] for r in resumed] == ["0", "1", "2"]
-    for a, b in zip(straight, resumed):
-        assert float(a["o"]) == pytest.approx(float(b["o"]))
-        assert float(a["lr"]) == pytest.approx(float(b["lr"]))
-        assert float(a["loss"]) == pytest.approx(float(b["loss"]), rel=1e-3)
+    assert resumed == straight  # every logged value of every epoch, as written
     m1, m2 = read_metrics(str(tmp_path / "straight")), read_metrics(crashed)
-    assert m1["test_top1"] == m2["test_top1"] and m1["test_top5"] == m2["test_top5"]
+    assert m1["weights_sha256"] == m2["weights_sha256"]  # the same weights, bit for bit
 
 
 def test_init_from_a32_run(cifar_dir, tmp_path):
@@ -634,10 +636,8 @@ def test_distillation_from_a_teacher_run(cifar_dir, tmp_path, monkeypatch, capsy
 
     run_killed_at_epoch(1, monkeypatch, *distill, "--name", "crashed")
     assert run_cli(*distill, "--name", "crashed", "--resume") == 0
-    straight, resumed = history(str(tmp_path / "student")), history(str(tmp_path / "crashed"))
-    for a, b in zip(straight, resumed):
-        assert float(a["loss"]) == pytest.approx(float(b["loss"]), rel=1e-3)
-    assert read_metrics(str(tmp_path / "crashed"))["test_top1"] == m["test_top1"]
+    assert history(str(tmp_path / "crashed")) == history(str(tmp_path / "student"))
+    assert read_metrics(str(tmp_path / "crashed"))["weights_sha256"] == m["weights_sha256"]
 
 
 def test_bad_teacher_is_a_one_line_error(cifar_dir, tmp_path, capsys):
