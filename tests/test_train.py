@@ -339,12 +339,15 @@ def test_mirrored_strategy_on_two_logical_cpus(cifar_dir, tmp_path):
     assert m["test_top1"] == pytest.approx(100 * np.mean(np.argmax(logits, 1) == y), abs=1e-3)
 
 
-def test_sync_bn_is_used_for_distributed_models():
-    from reste_larq import models
-
-    bns = lambda m: [l for l in m.layers if isinstance(l, tf.keras.layers.BatchNormalization)]  # noqa: E731
-    assert all(l.synchronized for l in bns(models.build("resnet20_1w1a", sync_bn=True)))
-    assert not any(l.synchronized for l in bns(models.build("resnet20_1w1a")))
+@pytest.mark.parametrize("strategy", ["default", "mirrored", "multi_worker"])
+def test_cli_strategy_decides_synchronized_batchnorm(strategy):
+    """--strategy mirrored|multi_worker builds every BatchNorm synchronized (statistics
+    over the global batch, as one device would compute them), the default none."""
+    args = common.resolve_args(cifar.build_parser().parse_args(["--strategy", strategy]))
+    model = common.build_model(args, 10, (8, 8, 3))
+    bns = [l for l in model.layers if isinstance(l, tf.keras.layers.BatchNormalization)]
+    assert len(bns) == 20
+    assert [l.synchronized for l in bns] == [strategy != "default"] * len(bns)
 
 
 def test_cli_optimizer_is_pytorch_sgd_with_coupled_weight_decay():
