@@ -133,11 +133,32 @@ def _checked(images, labels, path, num_classes, image_shape):
     return images, labels
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """Reads what the official CIFAR python batches hold (dicts, lists, bytes, str, ints
+    and numpy uint8 arrays) and nothing else: `pickle.load` would call any function a
+    file names, so a crafted file in --data-dir would run code. numpy arrays pickle as
+    `_reconstruct(ndarray, ...)` plus their dtype; Python 3 writes bytes at protocol 2
+    as `_codecs.encode`."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),
+    }
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which CIFAR files never do")
+        return super().find_class(module, name)
+
+
 def _cifar_batch(fh, path, label_key):
     """(images NHWC uint8, labels) of one official CIFAR python pickle."""
     try:
-        batch = pickle.load(fh, encoding="bytes")
-    except Exception as error:  # truncated or not a pickle: many kinds
+        batch = _CifarUnpickler(fh, encoding="bytes").load()
+    except Exception as error:  # truncated, not a pickle, or a global it may not name
         raise DataFormatError(
             f"{path} is not a CIFAR python batch ({type(error).__name__}: {error}); "
             "re-extract it from the official archive"

@@ -23,10 +23,16 @@ def write_cifar10(root, n_per_batch=4, archive=False, seed=0):
     images, labels = {}, {}
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
         imgs = rng.integers(0, 256, (n_per_batch, 32, 32, 3), dtype=np.uint8)
-        labs = list(rng.integers(0, 10, n_per_batch))
+        labs = [int(v) for v in rng.integers(0, 10, n_per_batch)]  # Python ints, as theirs
         rows = imgs.transpose(0, 3, 1, 2).reshape(n_per_batch, 3072)
+        batch = {
+            b"batch_label": name.encode(),
+            b"labels": labs,
+            b"data": rows,
+            b"filenames": [f"img_{i}.png".encode() for i in range(n_per_batch)],
+        }
         with open(os.path.join(folder, name), "wb") as f:
-            pickle.dump({b"data": rows, b"labels": labs, b"batch_label": name.encode()}, f)
+            pickle.dump(batch, f, protocol=2)  # the official files: Python 2's protocol 2
         images[name], labels[name] = imgs, labs
     if archive:
         with tarfile.open(os.path.join(root, "cifar-10-python.tar.gz"), "w:gz") as tar:
@@ -264,6 +270,10 @@ def bad_cifar(kind, root):
         with open(test_batch, "wb") as f:
             f.write(content[: len(content) // 2])
         return test_batch, "is not a CIFAR python batch"
+    if kind == "code in the pickle":
+        with open(test_batch, "wb") as f:
+            pickle.dump(RunsCode(os.path.join(root, "payload_ran")), f)
+        return test_batch, "names posix.system, which CIFAR files never do"
     if kind == "wrong row size":
         _write_cifar_batch(test_batch, np.zeros((2, 3000), np.uint8), [0, 1])
         return test_batch, "expected N rows of 3072 bytes"
@@ -276,7 +286,18 @@ def bad_cifar(kind, root):
     raise AssertionError(kind)
 
 
+class RunsCode:
+    """Unpickled by `pickle.load`, this runs a shell command: it touches `marker`."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
 CIFAR_FAULTS = [
+    "code in the pickle",
     "corrupt archive",
     "archive without test_batch",
     "missing test_batch",
@@ -295,6 +316,7 @@ def test_damaged_cifar_files_name_the_file_and_the_fault(tmp_path, kind):
         data.load_arrays("cifar10", "test", str(tmp_path))
     text = str(error.value)
     assert blamed in text and message in text and "\n" not in text, text
+    assert not os.path.exists(os.path.join(str(tmp_path), "payload_ran"))
 
 
 def bad_idx(kind, root):
@@ -354,6 +376,7 @@ def test_damaged_idx_files_name_the_file_and_the_fault(tmp_path, kind):
         data.load_arrays("mnist", "test", str(tmp_path))
     text = str(error.value)
     assert blamed in text and message in text and "\n" not in text, text
+    assert not os.path.exists(os.path.join(str(tmp_path), "payload_ran"))
 
 
 def test_reflect_padded_crops_hold_only_image_pixels():
