@@ -198,6 +198,59 @@ def test_resume_after_crash_ends_where_uninterrupted_run_ends(
     m1, m2 = read_metrics(str(tmp_path / "straight")), read_metrics(crashed)
     assert m1["weights_sha256"] == m2["weights_sha256"]  # the same weights, bit for bit
 
+    # A finished run is neither resumed nor re-evaluated: --resume refuses it, and
+    # --auto-resume (a restarted job) says so and exits 0 without rewriting anything.
+    written = (tmp_path / "crashed" / "metrics.json").read_bytes()
+    capsys.readouterr()
+    assert run_cli(*common, "--name", "crashed", "--resume") == 2
+    assert "holds a finished run" in capsys.readouterr().err
+    assert run_cli(*common, "--name", "crashed", "--auto-resume") == 0
+    assert "holds a finished run: nothing to do" in capsys.readouterr().err
+    assert (tmp_path / "crashed" / "metrics.json").read_bytes() == written
+
+
+@pytest.mark.parametrize("again", [[], ["--resume"], ["--auto-resume"]])
+def test_run_killed_before_its_first_checkpoint_starts_again(
+    cifar_dir, tmp_path, monkeypatch, again
+):
+    """args.json is written before the first epoch: a run killed then has no checkpoint,
+    and the same command (with or without --resume) starts it again."""
+    argv = [
+        "--data-dir",
+        cifar_dir,
+        "--results-dir",
+        tmp_path,
+        *QUICK,
+        "--no-export",
+        "--name",
+        "r",
+    ]
+    run_killed_at_epoch(0, monkeypatch, *argv)
+    assert os.path.isfile(tmp_path / "r" / "args.json")
+    assert tf.train.latest_checkpoint(str(tmp_path / "r" / "checkpoint")) is None
+    assert run_cli(*argv, *again) == 0
+    assert [row["epoch"] for row in history(str(tmp_path / "r"))] == ["0"]
+    assert read_metrics(str(tmp_path / "r"))["epochs"] == 1
+
+
+def test_run_killed_before_its_first_checkpoint_is_not_started_with_other_flags(
+    cifar_dir, tmp_path, monkeypatch, capsys
+):
+    argv = [
+        "--data-dir",
+        cifar_dir,
+        "--results-dir",
+        tmp_path,
+        *QUICK,
+        "--no-export",
+        "--name",
+        "r",
+    ]
+    run_killed_at_epoch(0, monkeypatch, *argv)
+    capsys.readouterr()
+    assert run_cli(*argv, "--seed", "7") == 2
+    assert "--seed 7 (run has 1234)" in capsys.readouterr().err
+
 
 def test_init_from_a32_run(cifar_dir, tmp_path):
     common = ["--data-dir", cifar_dir, "--results-dir", tmp_path, *QUICK, "--no-export"]
@@ -235,7 +288,7 @@ def test_init_from_a32_run(cifar_dir, tmp_path):
         (["--dataset", "svhn"], "invalid choice: 'svhn'"),
         (["--epochs", "-1"], "must be a positive integer"),
         (["--data-dir", "/nonexistent/cifar"], "cifar-10-python.tar.gz"),
-        (["--resume", "--name", "never-ran"], "no checkpoint"),
+        (["--resume", "--name", "never-ran"], "--resume: no run in"),
         (["--evaluate", "/nonexistent/run"], "not a run folder"),
         (["--o-end", "0.5"], "--o-end must be >= 1"),
         (["--lr-schedule", "step"], "needs its milestones"),

@@ -475,21 +475,38 @@ def _check_resume_args(args, saved):
 
 
 # ------------------------------------------------------------------------- pieces
-def _check_run_folder(args, directory) -> bool:
-    """Whether the run resumes (from the folder's checkpoint) or starts; a UsageError
-    when the folder does not allow what the flags ask. Writes nothing."""
+FINISHED = "finished"
+
+
+def _check_run_folder(args, directory):
+    """What the run folder and the flags ask for: True (resume from its checkpoint),
+    False (start, or start again), or FINISHED (--auto-resume on a finished run: nothing
+    to do); a UsageError when the folder does not allow what the flags ask. Writes
+    nothing.
+
+    A folder whose run was killed before its first checkpoint (args.json, no checkpoint,
+    no metrics.json) is started again by the same command, with or without --resume."""
     ckpt_dir = os.path.join(directory, "checkpoint")
     has_checkpoint = os.path.isdir(ckpt_dir) and tf.train.latest_checkpoint(ckpt_dir) is not None
-    if args.resume or (args.auto_resume and has_checkpoint):
-        if not has_checkpoint:
+    args_path = os.path.join(directory, "args.json")
+    if os.path.isfile(os.path.join(directory, "metrics.json")):
+        if args.auto_resume:
+            return FINISHED
+        if args.resume:
             raise UsageError(
-                f"--resume: no checkpoint in {ckpt_dir}; start the run without --resume"
+                f"{directory} holds a finished run (metrics.json); --evaluate it, or "
+                "--name/--results-dir for a new one"
             )
-        _check_resume_args(args, _load_json(os.path.join(directory, "args.json")))
+    elif has_checkpoint and (args.resume or args.auto_resume):
+        _check_resume_args(args, _load_json(args_path))
         return True
-    if args.auto_resume and os.path.isfile(os.path.join(directory, "metrics.json")):
-        raise UsageError(f"{directory} holds a finished run (metrics.json)")
-    if os.path.exists(directory) and os.listdir(directory) and not args.auto_resume:
+    elif os.path.isfile(args_path) and not has_checkpoint:
+        # Killed before its first checkpoint: the same run starts again from epoch 1.
+        _check_resume_args(args, _load_json(args_path))
+        return False
+    if args.resume:
+        raise UsageError(f"--resume: no run in {directory}; start the run without --resume")
+    if os.path.exists(directory) and os.listdir(directory):
         raise UsageError(
             f"{directory} already holds a run; pass --resume to continue it, or "
             "--name/--results-dir for a new one"
@@ -765,11 +782,15 @@ def run(args, load_data) -> dict:
     # the same (start, resume, or refuse) before the chief writes anything.
     folder_error = None
     try:
-        args.resume = _check_run_folder(args, directory)
+        state = _check_run_folder(args, directory)
     except UsageError as error:
-        folder_error = error
+        folder_error, state = error, False
     if args.strategy != "multi_worker" and folder_error:
         raise folder_error
+    if state == FINISHED:  # --auto-resume of a finished run: report it, write nothing
+        print(f"{directory} holds a finished run: nothing to do", file=sys.stderr)
+        return _load_json(os.path.join(directory, "metrics.json"))
+    args.resume = state
     teacher_args = teacher_run(args)
     init_checkpoint = None
     if args.init_from:
