@@ -209,6 +209,37 @@ def test_resume_after_crash_ends_where_uninterrupted_run_ends(
     assert (tmp_path / "crashed" / "metrics.json").read_bytes() == written
 
 
+def test_a_nan_epoch_keeps_the_last_finite_checkpoint(cifar_dir, tmp_path, monkeypatch, capsys):
+    """Epoch 2 turns NaN: Keras still ends the epoch, and its weights must not replace
+    epoch 1's checkpoint; the error names that checkpoint and how to continue from it."""
+    original = cb.LearningRateSchedule.on_epoch_begin
+
+    def poison(self, epoch, logs=None):
+        original(self, epoch, logs)
+        if epoch == 1:
+            weight = self.model.trainable_weights[0]
+            weight.assign(tf.fill(weight.shape, float("nan")))
+
+    monkeypatch.setattr(cb.LearningRateSchedule, "on_epoch_begin", poison)
+    argv = ["--data-dir", cifar_dir, "--results-dir", tmp_path, *QUICK, "--no-export"]
+    assert run_cli(*argv, "--epochs", "2", "--name", "nan") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    run = tmp_path / "nan"
+    assert len(err) == 1 and "training diverged (NaN loss) in epoch 2" in err[0], err
+    assert f"the last finite checkpoint is {run}/checkpoint/ckpt-1 (epoch 1)" in err[0]
+    assert f"--init-from {run} --lr 0.01" in err[0]
+    reader = tf.train.load_checkpoint(str(run / "checkpoint" / "ckpt-1"))
+    tensors = [reader.get_tensor(k) for k in reader.get_variable_to_shape_map()]
+    floats = [t for t in tensors if np.asarray(t).dtype.kind == "f"]
+    assert floats and all(np.isfinite(t).all() for t in floats)
+    assert json.loads((run / "state.json").read_text())["epoch"] == 1
+    monkeypatch.setattr(cb.LearningRateSchedule, "on_epoch_begin", original)
+    capsys.readouterr()
+    # ... and the command it names continues from there
+    assert run_cli(*argv, "--init-from", run, "--lr", "0.01", "--name", "again") == 0
+    assert np.isfinite(read_metrics(str(tmp_path / "again"))["test_top1"])
+
+
 @pytest.mark.parametrize("again", [[], ["--resume"], ["--auto-resume"]])
 def test_run_killed_before_its_first_checkpoint_starts_again(
     cifar_dir, tmp_path, monkeypatch, again

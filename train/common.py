@@ -712,13 +712,35 @@ class EpochState(tf.keras.callbacks.Callback):
         self.best = best
         self.state_path = os.path.join(os.path.dirname(directory), "state.json")
 
+    diverged_epoch = None  # 1-based: the epoch whose loss was not finite
+
     def on_epoch_end(self, epoch, logs=None):
+        # TerminateOnNaN stops the batch loop, yet Keras still ends the epoch: its NaN
+        # weights must not replace the last finite checkpoint (max_to_keep=1).
+        loss = (logs or {}).get("loss")
+        if self.model.stop_training or (loss is not None and not np.isfinite(loss)):
+            self.diverged_epoch = epoch + 1
+            return
         top1 = 100.0 * float((logs or {}).get("val_accuracy", 0.0))
         if top1 > self.best["best_test_top1"]:
             self.best.update(best_test_top1=round(top1, 4), best_epoch=epoch + 1)
         self.epoch_var.assign(epoch + 1)
         self.manager.save(checkpoint_number=epoch + 1)
         _write_json(self.state_path, {"epoch": epoch + 1, **self.best})
+
+
+def _diverged_message(directory, epoch, lr):
+    """One line: where training diverged, the last finite checkpoint, and the command
+    that continues from it with a lower learning rate."""
+    last = tf.train.latest_checkpoint(os.path.join(directory, "checkpoint"))
+    where = f"training diverged (NaN loss) in epoch {epoch}; see {directory}/history.csv"
+    if last is None:
+        return f"{where}; no epoch finished with finite weights: start again with a lower --lr"
+    return (
+        f"{where}; the last finite checkpoint is {last} (epoch {last.rsplit('-', 1)[-1]}): "
+        f"continue from it in a new run with a lower rate, e.g. --init-from {directory} "
+        f"--lr {lr / 10:g} --name NEW_NAME"
+    )
 
 
 # --------------------------------------------------------------------------- main
@@ -861,6 +883,7 @@ def _train(args, load_data, strategy, directory, out, teacher_args, init_checkpo
         _write_json(os.path.join(out, "args.json"), _json_args(args))
 
     schedule = estimator_schedule(args)
+    epoch_state = EpochState(os.path.join(out, "checkpoint"), checkpoint, epoch_var, best)
     callbacks = [
         schedule,
         learning_rate_schedule(args),
@@ -870,7 +893,7 @@ def _train(args, load_data, strategy, directory, out, teacher_args, init_checkpo
     if export.count_binary_kernels(student):
         callbacks.append(cb.FrozenFraction())
     callbacks += [
-        EpochState(os.path.join(out, "checkpoint"), checkpoint, epoch_var, best),
+        epoch_state,
         tf.keras.callbacks.CSVLogger(os.path.join(out, "history.csv"), append=args.resume),
         tf.keras.callbacks.TensorBoard(
             os.path.join(out, "logs"), write_graph=False, profile_batch=0
@@ -906,7 +929,7 @@ def _train(args, load_data, strategy, directory, out, teacher_args, init_checkpo
             verbose=args.verbose,
         )
     if model.stop_training:  # only TerminateOnNaN stops a run early
-        raise UsageError(f"training diverged (NaN loss); see {directory}/history.csv")
+        raise UsageError(_diverged_message(directory, epoch_state.diverged_epoch, args.lr))
     if args.strategy != "default":
         # Evaluate and export a one-device twin: synchronized BatchNorm would run
         # collectives (every worker) even in inference.
