@@ -140,14 +140,21 @@ def tiny_binary_model(kernel_quantizer="ste_sign"):
     return tf.keras.Model(inputs, outputs)
 
 
-def test_convert_is_lces_keras_conversion_byte_for_byte():
+@pytest.mark.parametrize(
+    "name",
+    [
+        "tiny",
+        pytest.param("resnet20_1w1a", marks=pytest.mark.slow),
+        pytest.param("birealnet18", marks=pytest.mark.slow),
+    ],
+)
+def test_convert_is_lces_keras_conversion_byte_for_byte(name):
     """export.convert saves one inference signature instead of Keras' SavedModel: the
-    flatbuffer must be the one `lce.convert_keras_model` makes (a ResNet-20 and every
-    model: tests/test_models.py's slow conversion tests)."""
+    flatbuffer must be the one `lce.convert_keras_model` makes."""
     import larq_compute_engine as lce
 
-    for model in (tiny_binary_model(), with_trained_batchnorm(models.build("resnet20_1w1a"))):
-        assert export.convert(model) == lce.convert_keras_model(model)
+    model = tiny_binary_model() if name == "tiny" else with_trained_batchnorm(models.build(name))
+    assert export.convert(model) == lce.convert_keras_model(model)
 
 
 def test_a_binary_conv_lce_leaves_float_is_an_error():

@@ -240,7 +240,7 @@ def test_a_nan_epoch_keeps_the_last_finite_checkpoint(cifar_dir, tmp_path, monke
     assert np.isfinite(read_metrics(str(tmp_path / "again"))["test_top1"])
 
 
-@pytest.mark.parametrize("again", [[], ["--resume"], ["--auto-resume"]])
+@pytest.mark.parametrize("again", [[], ["--auto-resume"]])  # --resume: the same branch
 def test_run_killed_before_its_first_checkpoint_starts_again(
     cifar_dir, tmp_path, monkeypatch, again
 ):
@@ -480,8 +480,15 @@ def spy_on_compiled_model(monkeypatch):
     return seen
 
 
-def test_cli_label_smoothing_adam_and_zero_padding(cifar_dir, tmp_path, monkeypatch):
+def test_cli_label_smoothing_adam_zero_padding_and_export_eval_limit(
+    cifar_dir, tmp_path, monkeypatch
+):
+    """--label-smoothing, --optimizer adam and --padding zero reach the compiled model;
+    --export-eval-limit 5 evaluates the .tflite on the first 5 test images (the number
+    is in metrics.json) while Keras top-1 stays on the whole test set."""
     import larq as lq
+
+    from reste_larq import data, models
 
     seen = spy_on_compiled_model(monkeypatch)
     assert (
@@ -499,7 +506,8 @@ def test_cli_label_smoothing_adam_and_zero_padding(cifar_dir, tmp_path, monkeypa
             "--padding",
             "zero",
             *QUICK,
-            "--no-export",  # zero padding's conversion: tests/test_models.py
+            "--export-eval-limit",
+            "5",
         )
         == 0
     )
@@ -522,6 +530,15 @@ def test_cli_label_smoothing_adam_and_zero_padding(cifar_dir, tmp_path, monkeypa
     assert float(model.loss(labels, logits)) == pytest.approx(expected, rel=1e-5)
     m = read_metrics(str(tmp_path / "run"))
     assert m["args"]["optimizer"] == "adam" and m["args"]["padding"] == "zero"
+    assert m["tflite_lce_bconv2d"] == m["binary_convs"] == 18  # zero padding converts too
+    assert m["tflite_eval_images"] == 5
+    assert m["tflite_test_top1"] in {100.0 * k / 5 for k in range(6)}
+    # Keras on the whole 16-image test set, checked against the saved weights
+    saved = models.build("resnet20_1w1a", padding="zero")
+    saved.load_weights(os.path.join(tmp_path, "run", "final.weights.h5"))
+    images, labels = data.load_arrays("cifar10", "test", cifar_dir, download=False)
+    logits = saved(data.normalize(images, data.info("cifar10")), training=False).numpy()
+    assert m["test_top1"] == pytest.approx(100.0 * np.mean(logits.argmax(-1) == labels), abs=1e-3)
 
 
 def test_evaluate_reports_the_runs_own_mu(cifar_dir, tmp_path, capsys):
@@ -609,7 +626,8 @@ def test_damaged_data_is_a_one_line_error(tmp_path, capsys, kind):
         pytest.param(["--mixed-precision", "bfloat16"], id="bfloat16"),
         # float16 is a GPU setting (slow on a CPU): in the slow suite
         pytest.param(["--mixed-precision", "float16"], id="float16", marks=pytest.mark.slow),
-        pytest.param(["--jit-compile"], id="jit"),
+        # XLA compiles the whole step (40 s here): slow, like float16
+        pytest.param(["--jit-compile"], id="jit", marks=pytest.mark.slow),
     ],
 )
 def test_speed_flags_train_and_convert_the_same(cifar_dir, tmp_path, monkeypatch, flags):
@@ -711,6 +729,7 @@ def test_distillation_from_a_teacher_run(cifar_dir, tmp_path, monkeypatch, capsy
     )
     assert json.loads(capsys.readouterr().out)["test_top1"] == m["test_top1"]
 
+    distill = [*distill, "--no-export"]  # the export: checked above
     run_killed_at_epoch(1, monkeypatch, *distill, "--name", "crashed")
     assert run_cli(*distill, "--name", "crashed", "--resume") == 0
     assert history(str(tmp_path / "crashed")) == history(str(tmp_path / "student"))
@@ -738,24 +757,6 @@ def test_bad_teacher_is_a_one_line_error(cifar_dir, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and message in err[0], err
         assert not os.path.exists(tmp_path / "r")
-
-
-def test_export_eval_limit_bounds_the_tflite_evaluation(cifar_dir, tmp_path):
-    """--export-eval-limit: the .tflite is evaluated on the first N test images (the
-    number is in metrics.json); Keras top-1 stays on the whole test set."""
-    argv = ["--data-dir", cifar_dir, "--results-dir", tmp_path, *QUICK, "--name", "r"]
-    assert run_cli(*argv, "--export-eval-limit", "5") == 0
-    m = read_metrics(str(tmp_path / "r"))
-    assert m["tflite_eval_images"] == 5
-    assert m["tflite_test_top1"] in {100.0 * k / 5 for k in range(6)}
-    # Keras on the whole 16-image test set, checked against the saved weights
-    from reste_larq import data, models
-
-    model = models.build("resnet20_1w1a")
-    model.load_weights(os.path.join(tmp_path, "r", "final.weights.h5"))
-    images, labels = data.load_arrays("cifar10", "test", cifar_dir, download=False)
-    logits = model(data.normalize(images, data.info("cifar10")), training=False).numpy()
-    assert m["test_top1"] == pytest.approx(100.0 * np.mean(logits.argmax(-1) == labels), abs=1e-3)
 
 
 def test_wrn_takes_its_own_recipe_for_unset_flags():
