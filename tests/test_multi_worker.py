@@ -1,6 +1,7 @@
 """`--strategy multi_worker` with two real worker processes on this machine (TF_CONFIG,
 two 127.0.0.1 ports): one run folder written by the chief alone, equal weights on both
-workers, and a run whose worker is killed continues after the workers restart."""
+workers, and a run whose worker is killed continues after the workers restart. Slow (three
+two-worker runs, about 3 minutes): CI runs it with the slow suite."""
 
 import json
 import os
@@ -103,37 +104,38 @@ def run_argv(data_dir, results, name, epochs, *extra):
     ]
 
 
-def test_two_workers_write_one_run_folder_and_agree(data_dir, tmp_path):
-    results, logs, tmpdir = tmp_path / "results", tmp_path / "logs", tmp_path / "tmp"
-    logs.mkdir()
-    tmpdir.mkdir()
-    procs = start_workers(run_argv(data_dir, results, "mw", 2), logs, tmpdir)
-    codes = wait(procs, 300)
-    assert codes == [0, 0], [(logs / f"worker{i}.log").read_text()[-3000:] for i in range(2)]
-    assert os.listdir(results) == ["mw"]  # exactly one run folder
-    run = results / "mw"
-    for name in ("metrics.json", "model.tflite", "args.json", "history.csv", "final.weights.h5"):
-        assert (run / name).is_file(), name
-    assert not list(run.glob("**/reste_larq_*"))  # no worker folder (tempfile prefix) in it
-    metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["tflite_lce_bconv2d"] == 18 and metrics["epochs"] == 2
-    a, b = digests(logs)
-    assert a == b  # both workers end with the same weights, bit for bit
-    assert os.listdir(tmpdir) == []  # worker 1's temporary folder is gone
-
-
 @pytest.mark.slow  # three two-worker runs: about 3 minutes
-def test_killed_worker_restarted_run_ends_as_uninterrupted(data_dir, tmp_path):
+def test_two_workers_one_run_folder_and_a_killed_worker_restarted_ends_as_uninterrupted(
+    data_dir, tmp_path
+):
+    """An uninterrupted two-worker run: one run folder, written by the chief alone (with
+    its .tflite), both workers end with the same weights, worker 1's temporary folder is
+    gone. Then the same run with worker 1 killed in epoch 3 and both restarted: it ends
+    with the uninterrupted run's weights, bit for bit."""
     results, tmpdir = tmp_path / "results", tmp_path / "tmp"
     tmpdir.mkdir()
     straight_logs, crashed_logs = tmp_path / "straight", tmp_path / "crashed"
     straight_logs.mkdir()
     crashed_logs.mkdir()
+    procs = start_workers(
+        run_argv(data_dir, results, "straight", 4, "--auto-resume"), straight_logs, tmpdir
+    )
+    codes = wait(procs, 400)
+    assert codes == [0, 0], [
+        (straight_logs / f"worker{i}.log").read_text()[-3000:] for i in range(2)
+    ]
+    assert os.listdir(results) == ["straight"]  # exactly one run folder
+    run = results / "straight"
+    for name in ("metrics.json", "model.tflite", "args.json", "history.csv", "final.weights.h5"):
+        assert (run / name).is_file(), name
+    assert not list(run.glob("**/reste_larq_*"))  # no worker folder (tempfile prefix) in it
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["tflite_lce_bconv2d"] == 18 and metrics["epochs"] == 4
+    a, b = digests(straight_logs)
+    assert a == b  # both workers end with the same weights, bit for bit
+    assert os.listdir(tmpdir) == []  # worker 1's temporary folder is gone
+
     extra = ["--no-export", "--auto-resume"]
-    assert wait(
-        start_workers(run_argv(data_dir, results, "straight", 4, *extra), straight_logs, tmpdir),
-        400,
-    ) == [0, 0]
 
     argv = run_argv(data_dir, results, "crashed", 4, *extra)
     procs = start_workers(argv, crashed_logs, tmpdir)

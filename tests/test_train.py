@@ -387,8 +387,6 @@ def test_mirrored_strategy_on_two_logical_cpus(cifar_dir, tmp_path):
             "--logical-cpus",
             "2",
             *QUICK,
-            "--epochs",
-            "2",
             "--no-export",
         ],
         cwd=ROOT,
@@ -400,7 +398,7 @@ def test_mirrored_strategy_on_two_logical_cpus(cifar_dir, tmp_path):
     run = str(tmp_path / "dist")
     m = read_metrics(run)
     assert m["args"]["strategy"] == "mirrored"
-    assert [np.isfinite(float(r["loss"])) for r in history(run)] == [True, True]
+    assert [np.isfinite(float(r["loss"])) for r in history(run)] == [True]
 
     tf.keras.utils.set_random_seed(m["args"]["seed"])
     model = models.build("resnet20_1w1a")  # the run's initial weights (same seed)
