@@ -70,7 +70,7 @@ def test_teacher_frozen_student_trains_saves_and_exports_alone(tmp_path):
 
     flatbuffer = export.convert(distiller.student)  # the student only
     assert export.op_counts(flatbuffer)["LceBconv2d"] == 18
-    assert len(flatbuffer) < len(export.convert(teacher)) / 5
+    assert len(flatbuffer) < 4 * teacher.count_params() / 5  # the float teacher: 1.1 MB
 
 
 def test_bad_settings():

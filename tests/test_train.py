@@ -366,6 +366,7 @@ def test_cli_subprocess_error_has_no_traceback(tmp_path):
     assert result.stderr.strip().splitlines()[-1].startswith("error: data directory")
 
 
+@pytest.mark.slow  # a subprocess tracing two replicas: a minute (default: the sync-BN flag test)
 def test_mirrored_strategy_on_two_logical_cpus(cifar_dir, tmp_path):
     """Two replicas train, and what the run reports is the model it saved: the test
     top-1/top-5 in metrics.json are those of final.weights.h5 evaluated here."""
