@@ -47,3 +47,12 @@ def cifar_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("cifar")
     write_cifar10(str(root), n_per_batch=16)
     return str(root)
+
+
+# The end-to-end CLI runs first: with two test processes, long tests that start last
+# leave one process idle while the other finishes them.
+_FIRST = ("tests/test_train.py", "tests/test_multistage.py", "tests/test_distill.py")
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: not item.nodeid.startswith(_FIRST))

@@ -113,17 +113,20 @@ def test_end_to_end_on_official_cifar_folder(cifar_dir, tmp_path, capsys):
             "--verbose",
             "0",
             "--no-download",
+            "--no-export",  # the same export function as the run's, checked above
         )
         == 0
     )
     printed = json.loads(capsys.readouterr().out)
     assert printed["evaluated_epoch"] == 2
-    for key in ("test_top1", "test_top5", "tflite_test_top1", "tflite_test_top5", "o_final"):
+    for key in ("test_top1", "test_top5", "o_final"):
         assert printed[key] == m[key], key
 
 
-def test_end_to_end_with_tfds_mock_data(tmp_path):
-    """The TFDS path (export: test_end_to_end_on_official_cifar_folder)."""
+def test_end_to_end_with_tfds_mock_data_rotation_and_mixup(tmp_path):
+    """The TFDS path (its export: test_end_to_end_on_official_cifar_folder), with --rotate
+    and --mixup: soft training labels, integer test labels, one metric name for both
+    (val_accuracy drives the best checkpoint)."""
     with tfds.testing.mock_data(num_examples=48):
         assert (
             run_cli(
@@ -135,12 +138,19 @@ def test_end_to_end_with_tfds_mock_data(tmp_path):
                 "mock",
                 *QUICK,
                 "--no-export",
+                "--rotate",
+                "15",
+                "--mixup",
+                "0.2",
             )
             == 0
         )
     m = read_metrics(str(tmp_path / "mock"))
     assert m["dataset"] == "cifar10" and 0 <= m["test_top1"] <= 100
-    assert len(history(str(tmp_path / "mock"))) == 1
+    (row,) = history(str(tmp_path / "mock"))
+    assert 0.0 <= float(row["accuracy"]) <= 1.0 and 0.0 <= float(row["val_accuracy"]) <= 1.0
+    assert (m["args"]["rotate"], m["args"]["mixup"]) == (15.0, 0.2)
+    assert m["best_test_top1"] == pytest.approx(100.0 * float(row["val_accuracy"]), abs=1e-2)
 
 
 class Killed(Exception):
@@ -540,41 +550,6 @@ def test_cli_label_smoothing_adam_zero_padding_and_export_eval_limit(
     assert m["test_top1"] == pytest.approx(100.0 * np.mean(logits.argmax(-1) == labels), abs=1e-3)
 
 
-def test_evaluate_reports_the_runs_own_mu(cifar_dir, tmp_path, capsys):
-    assert (
-        run_cli(
-            "--data-dir",
-            cifar_dir,
-            "--results-dir",
-            tmp_path,
-            "--name",
-            "run",
-            "--quantizer",
-            "bnnpp",
-            "--mu-start",
-            "3",
-            "--mu-end",
-            "7",
-            *QUICK,
-            "--epochs",
-            "2",
-            "--no-export",
-        )
-        == 0
-    )
-    # mu at the last epoch (1 of 2): 3 + 4 (1 - cos(pi/4))
-    expected = 3 + 4 * (1 - np.cos(np.pi / 4))
-    assert read_metrics(str(tmp_path / "run"))["mu_final"] == pytest.approx(expected)
-    capsys.readouterr()
-    assert (
-        run_cli(
-            "--evaluate", tmp_path / "run", "--data-dir", cifar_dir, "--no-download", "--no-export"
-        )
-        == 0
-    )
-    assert json.loads(capsys.readouterr().out)["mu_final"] == pytest.approx(expected)
-
-
 def test_only_the_projects_errors_become_one_line(tmp_path):
     """A ValueError from TensorFlow (or any bug) keeps its traceback; ours are one line."""
     from reste_larq.errors import ConfigError
@@ -662,7 +637,9 @@ def test_speed_flags_train_and_convert_the_same(cifar_dir, tmp_path, monkeypatch
     assert (tflite.argmax(1) == keras.argmax(1)).mean() >= 15 / 16
 
 
-def test_cli_step_schedule_reaches_the_optimizer(cifar_dir, tmp_path):
+def test_cli_step_schedule_and_evaluate_reports_the_runs_own_mu(cifar_dir, tmp_path, capsys):
+    """--lr-schedule step reaches the optimizer; --evaluate reports the run's own BNN++ mu
+    schedule (from its args.json), at the run's last epoch."""
     assert (
         run_cli(
             "--data-dir",
@@ -682,6 +659,12 @@ def test_cli_step_schedule_reaches_the_optimizer(cifar_dir, tmp_path):
             "2",
             "--lr-gamma",
             "0.5",
+            "--quantizer",
+            "bnnpp",
+            "--mu-start",
+            "3",
+            "--mu-end",
+            "7",
         )
         == 0
     )
@@ -689,6 +672,17 @@ def test_cli_step_schedule_reaches_the_optimizer(cifar_dir, tmp_path):
         [0.1, 0.05, 0.025]
     )
     assert read_metrics(str(tmp_path / "run"))["args"]["lr_schedule"] == "step"
+    # mu at the last epoch (2 of 3): 3 + 4 (1 - cos(pi/2 * 2/3))
+    expected = 3 + 4 * (1 - np.cos(np.pi / 3))
+    assert read_metrics(str(tmp_path / "run"))["mu_final"] == pytest.approx(expected)
+    capsys.readouterr()
+    assert (
+        run_cli(
+            "--evaluate", tmp_path / "run", "--data-dir", cifar_dir, "--no-download", "--no-export"
+        )
+        == 0
+    )
+    assert json.loads(capsys.readouterr().out)["mu_final"] == pytest.approx(expected)
 
 
 def test_distillation_from_a_teacher_run(cifar_dir, tmp_path, monkeypatch, capsys):
@@ -785,18 +779,6 @@ def test_wrn_takes_its_own_recipe_for_unset_flags():
     plain = common.parse(parser, ["--model", "resnet20_1w1a"])
     assert (plain.dataset, plain.epochs, plain.mean_std) == ("cifar10", 1000, "dataset")
     assert "wrn20_10_1bit defaults to its own recipe" in parser.format_help()
-
-
-def test_cli_rotation_and_mixup_train_and_evaluate(cifar_dir, tmp_path):
-    """--rotate and --mixup through the CLI: soft training labels, integer test labels,
-    one metric name for both (val_accuracy drives the best checkpoint)."""
-    argv = ["--data-dir", cifar_dir, "--results-dir", tmp_path, *QUICK, "--no-export"]
-    assert run_cli(*argv, "--name", "mix", "--rotate", "15", "--mixup", "0.2") == 0
-    row = history(str(tmp_path / "mix"))[0]
-    assert 0.0 <= float(row["accuracy"]) <= 1.0 and 0.0 <= float(row["val_accuracy"]) <= 1.0
-    m = read_metrics(str(tmp_path / "mix"))
-    assert (m["args"]["rotate"], m["args"]["mixup"]) == (15.0, 0.2)
-    assert m["best_test_top1"] == pytest.approx(100.0 * float(row["val_accuracy"]), abs=1e-2)
 
 
 @pytest.mark.slow  # the block's conversion is tested per model in test_models.py
