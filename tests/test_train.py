@@ -183,14 +183,14 @@ def test_resume_after_crash_ends_where_uninterrupted_run_ends(
         tmp_path,
         *QUICK,
         "--epochs",
-        "3",
+        "2",
         "--no-export",
         "--quantizer",
         "reste",
     ]
     assert run_cli(*common, "--name", "straight") == 0
 
-    run_killed_at_epoch(2, monkeypatch, *common, "--name", "crashed")
+    run_killed_at_epoch(1, monkeypatch, *common, "--name", "crashed")
     crashed = str(tmp_path / "crashed")
     assert not os.path.exists(os.path.join(crashed, "metrics.json"))  # not mistaken for done
 
@@ -203,7 +203,7 @@ def test_resume_after_crash_ends_where_uninterrupted_run_ends(
     assert run_cli(*common, "--name", "crashed", "--resume") == 0
     assert "resuming" in capsys.readouterr().out
     straight, resumed = history(str(tmp_path / "straight")), history(crashed)
-    assert [r["epoch"] for r in resumed] == ["0", "1", "2"]
+    assert [r["epoch"] for r in resumed] == ["0", "1"]
     assert resumed == straight  # every logged value of every epoch, as written
     m1, m2 = read_metrics(str(tmp_path / "straight")), read_metrics(crashed)
     assert m1["weights_sha256"] == m2["weights_sha256"]  # the same weights, bit for bit
@@ -243,11 +243,7 @@ def test_a_nan_epoch_keeps_the_last_finite_checkpoint(cifar_dir, tmp_path, monke
     floats = [t for t in tensors if np.asarray(t).dtype.kind == "f"]
     assert floats and all(np.isfinite(t).all() for t in floats)
     assert json.loads((run / "state.json").read_text())["epoch"] == 1
-    monkeypatch.setattr(cb.LearningRateSchedule, "on_epoch_begin", original)
-    capsys.readouterr()
-    # ... and the command it names continues from there
-    assert run_cli(*argv, "--init-from", run, "--lr", "0.01", "--name", "again") == 0
-    assert np.isfinite(read_metrics(str(tmp_path / "again"))["test_top1"])
+    # (--init-from a run folder with args.json and a checkpoint: test_init_from_a32_run)
 
 
 @pytest.mark.parametrize("again", [[], ["--auto-resume"]])  # --resume: the same branch
