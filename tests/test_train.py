@@ -289,6 +289,7 @@ def test_run_killed_before_its_first_checkpoint_is_not_started_with_other_flags(
     assert "--seed 7 (run has 1234)" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # --init-from between stages, default suite: tests/test_multistage.py
 def test_init_from_a32_run(cifar_dir, tmp_path):
     common = ["--data-dir", cifar_dir, "--results-dir", tmp_path, *QUICK, "--no-export"]
     assert run_cli(*common, "--a32", "--name", "stage1") == 0
@@ -682,8 +683,8 @@ def test_cli_step_schedule_and_evaluate_reports_the_runs_own_mu(cifar_dir, tmp_p
 
 
 def test_distillation_from_a_teacher_run(cifar_dir, tmp_path, monkeypatch, capsys):
-    """--teacher: the student trains against a finished float run, exports alone,
-    --evaluate finds it, and a killed distilled run resumes to the same end."""
+    """--teacher: the student trains against a finished float run, exports alone, and
+    --evaluate finds it (a killed distilled run resumes: slow test below)."""
     base = ["--data-dir", cifar_dir, "--results-dir", tmp_path, *QUICK]
     assert run_cli(*base, "--name", "teacher", "--quantizer", "float", "--no-export") == 0
     teacher = str(tmp_path / "teacher")
@@ -694,8 +695,6 @@ def test_distillation_from_a_teacher_run(cifar_dir, tmp_path, monkeypatch, capsy
         "--distill-weight",
         "0.7",
         "--distill-temperature",
-        "2",
-        "--epochs",
         "2",
     ]
     assert run_cli(*distill, "--name", "student") == 0
@@ -718,11 +717,20 @@ def test_distillation_from_a_teacher_run(cifar_dir, tmp_path, monkeypatch, capsy
     )
     assert json.loads(capsys.readouterr().out)["test_top1"] == m["test_top1"]
 
-    distill = [*distill, "--no-export"]  # the export: checked above
+
+@pytest.mark.slow  # two more distilled runs (the resume machinery: test_resume_after_crash...)
+def test_killed_distilled_run_resumes_to_the_same_end(cifar_dir, tmp_path, monkeypatch):
+    base = ["--data-dir", cifar_dir, "--results-dir", tmp_path, *QUICK, "--no-export"]
+    assert run_cli(*base, "--name", "teacher", "--quantizer", "float") == 0
+    distill = [*base, "--teacher", tmp_path / "teacher", "--epochs", "2"]
+    assert run_cli(*distill, "--name", "student") == 0
     run_killed_at_epoch(1, monkeypatch, *distill, "--name", "crashed")
     assert run_cli(*distill, "--name", "crashed", "--resume") == 0
     assert history(str(tmp_path / "crashed")) == history(str(tmp_path / "student"))
-    assert read_metrics(str(tmp_path / "crashed"))["weights_sha256"] == m["weights_sha256"]
+    assert (
+        read_metrics(str(tmp_path / "crashed"))["weights_sha256"]
+        == read_metrics(str(tmp_path / "student"))["weights_sha256"]
+    )
 
 
 def test_bad_teacher_is_a_one_line_error(cifar_dir, tmp_path, capsys):
