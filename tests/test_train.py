@@ -246,25 +246,22 @@ def test_a_nan_epoch_keeps_the_last_finite_checkpoint(cifar_dir, tmp_path, monke
     # (--init-from a run folder with args.json and a checkpoint: test_init_from_a32_run)
 
 
+def killed_before_its_first_checkpoint(cifar_dir, tmp_path, monkeypatch):
+    """A run killed as its first epoch begins (args.json written, no checkpoint); its argv."""
+    argv = ["--data-dir", cifar_dir, "--results-dir", tmp_path, *QUICK, "--no-export"]
+    argv += ["--name", "r"]
+    run_killed_at_epoch(0, monkeypatch, *argv)
+    assert os.path.isfile(tmp_path / "r" / "args.json")
+    assert tf.train.latest_checkpoint(str(tmp_path / "r" / "checkpoint")) is None
+    return argv
+
+
 @pytest.mark.parametrize("again", [[], ["--auto-resume"]])  # --resume: the same branch
 def test_run_killed_before_its_first_checkpoint_starts_again(
     cifar_dir, tmp_path, monkeypatch, again
 ):
-    """args.json is written before the first epoch: a run killed then has no checkpoint,
-    and the same command (with or without --resume) starts it again."""
-    argv = [
-        "--data-dir",
-        cifar_dir,
-        "--results-dir",
-        tmp_path,
-        *QUICK,
-        "--no-export",
-        "--name",
-        "r",
-    ]
-    run_killed_at_epoch(0, monkeypatch, *argv)
-    assert os.path.isfile(tmp_path / "r" / "args.json")
-    assert tf.train.latest_checkpoint(str(tmp_path / "r" / "checkpoint")) is None
+    """The same command (plain, or --auto-resume as a restarted job) starts it again."""
+    argv = killed_before_its_first_checkpoint(cifar_dir, tmp_path, monkeypatch)
     assert run_cli(*argv, *again) == 0
     assert [row["epoch"] for row in history(str(tmp_path / "r"))] == ["0"]
     assert read_metrics(str(tmp_path / "r"))["epochs"] == 1
@@ -273,17 +270,7 @@ def test_run_killed_before_its_first_checkpoint_starts_again(
 def test_run_killed_before_its_first_checkpoint_is_not_started_with_other_flags(
     cifar_dir, tmp_path, monkeypatch, capsys
 ):
-    argv = [
-        "--data-dir",
-        cifar_dir,
-        "--results-dir",
-        tmp_path,
-        *QUICK,
-        "--no-export",
-        "--name",
-        "r",
-    ]
-    run_killed_at_epoch(0, monkeypatch, *argv)
+    argv = killed_before_its_first_checkpoint(cifar_dir, tmp_path, monkeypatch)
     capsys.readouterr()
     assert run_cli(*argv, "--seed", "7") == 2
     assert "--seed 7 (run has 1234)" in capsys.readouterr().err
