@@ -120,7 +120,7 @@ def test_two_workers_one_run_folder_and_a_killed_worker_restarted_ends_as_uninte
     procs = start_workers(
         run_argv(data_dir, results, "straight", 4, "--auto-resume"), straight_logs, tmpdir
     )
-    codes = wait(procs, 400)
+    codes = wait(procs, 600)
     assert codes == [0, 0], [
         (straight_logs / f"worker{i}.log").read_text()[-3000:] for i in range(2)
     ]
@@ -140,7 +140,7 @@ def test_two_workers_one_run_folder_and_a_killed_worker_restarted_ends_as_uninte
     argv = run_argv(data_dir, results, "crashed", 4, *extra)
     procs = start_workers(argv, crashed_logs, tmpdir)
     saved = results / "crashed" / "checkpoint" / "ckpt-2.index"
-    deadline = time.time() + 300
+    deadline = time.time() + 450
     while not saved.exists() and time.time() < deadline and procs[1].poll() is None:
         time.sleep(0.05)
     assert saved.exists(), "epoch 2 was never saved"
@@ -152,7 +152,7 @@ def test_two_workers_one_run_folder_and_a_killed_worker_restarted_ends_as_uninte
         procs[0].wait()
     assert not (results / "crashed" / "metrics.json").exists()
 
-    assert wait(start_workers(argv, crashed_logs, tmpdir), 400) == [0, 0]
+    assert wait(start_workers(argv, crashed_logs, tmpdir), 600) == [0, 0]
     for i in range(2):  # both workers restored epoch 2's checkpoint (or a later one)
         log = (crashed_logs / f"worker{i}.log").read_text()
         assert "at epoch 3/4" in log or "at epoch 4/4" in log, log[-2000:]
