@@ -31,6 +31,7 @@ from reste_larq import (  # noqa: E402,F401  (quantizers registers the names)
     errors,
     export,
     models,
+    provenance,
     quantizers,
     training,
 )
@@ -51,6 +52,7 @@ __all__ = [
     "errors",
     "export",
     "models",
+    "provenance",
     "quantizers",
     "training",
 ]

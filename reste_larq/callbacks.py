@@ -24,6 +24,7 @@ import math
 import numpy as np
 import tensorflow as tf
 
+from reste_larq.distill import Distiller
 from reste_larq.errors import ConfigError
 from reste_larq.quantizers import (
     BNNpp,
@@ -43,6 +44,14 @@ def cosine_ramp(epoch: int, epochs: int, start: float, end: float) -> float:
         raise ConfigError(f"epochs must be > 0 (got {epochs})")
     ratio = min(max(epoch / epochs, 0.0), 1.0)
     return start + (end - start) * (1.0 - math.cos(math.pi / 2.0 * ratio))
+
+
+def trained_model(model: tf.keras.Model) -> tf.keras.Model:
+    """The model whose weights train: a `Distiller`'s student, else `model` itself.
+
+    The callbacks below schedule, measure and log the student alone: a distiller's
+    frozen teacher (binary or not) must not enter its frozen fraction or indicators."""
+    return model.student if isinstance(model, Distiller) else model
 
 
 class EstimatorSchedule(tf.keras.callbacks.Callback):
@@ -96,7 +105,7 @@ class EstimatorSchedule(tf.keras.callbacks.Callback):
         return values
 
     def on_epoch_begin(self, epoch, logs=None):
-        self._values = self.apply(self.model, epoch)
+        self._values = self.apply(trained_model(self.model), epoch)
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:
@@ -296,7 +305,7 @@ class FrozenFraction(tf.keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:
-            logs["frozen_fraction"] = frozen_fraction(self.model, self.threshold)
+            logs["frozen_fraction"] = frozen_fraction(trained_model(self.model), self.threshold)
 
 
 class Indicators(tf.keras.callbacks.Callback):
@@ -315,21 +324,23 @@ class Indicators(tf.keras.callbacks.Callback):
 
     def gradient_stability(self) -> float:
         x, y = (tf.convert_to_tensor(t) for t in self.batch)
-        kernels = binary_kernels(self.model)
+        student = trained_model(self.model)
+        kernels = binary_kernels(student)
         # A training-mode forward updates BN moving statistics: measure, then restore.
-        saved = [w.numpy() for w in self.model.non_trainable_weights]
+        saved = [w.numpy() for w in student.non_trainable_weights]
         with tf.GradientTape() as tape:
-            predictions = self.model(x, training=True)
-            loss = self.model.compute_loss(x, y, predictions)
+            predictions = student(x, training=True)
+            # the compiled loss on the labels (a distiller's, too: its CE term)
+            loss = self.model.compiled_loss(y, predictions, regularization_losses=student.losses)
         grads = tape.gradient(loss, kernels)
-        for w, value in zip(self.model.non_trainable_weights, saved):
+        for w, value in zip(student.non_trainable_weights, saved):
             w.assign(value)
         return float(sum(tf.math.reduce_variance(tf.abs(g)) for g in grads if g is not None))
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is None:
             return
-        logs["estimating_error"] = estimating_error(self.model, self.o)
+        logs["estimating_error"] = estimating_error(trained_model(self.model), self.o)
         stability = self.gradient_stability()
         if not np.isfinite(stability):
             raise FloatingPointError(

@@ -279,18 +279,35 @@ def _offline_help(ds: DatasetInfo, data_dir) -> str:
     elif ds.offline == "idx":
         files = ", ".join(f"{where}/{f}" for pair in _IDX.values() for f in pair)
         if ds.name == "fashion_mnist":
-            files += " (on Debian: apt-get install dataset-fashion-mnist)"
+            files += (
+                f" (on Debian: apt-get install dataset-fashion-mnist, and no data dir to read "
+                f"{ds.default_dirs[0]})"
+                if data_dir and ds.default_dirs
+                else " (on Debian: apt-get install dataset-fashion-mnist)"
+            )
     else:
         files = f"TFDS's prepared {ds.name} in {where} (ImageNet needs TFDS's manual download)"
     return f"put {files}, or use a machine that can download it with tensorflow-datasets"
 
 
-def load_arrays(name: str, split: str, data_dir: str | None = None, download: bool = True):
+def load_arrays(
+    name: str,
+    split: str,
+    data_dir: str | None = None,
+    download: bool = True,
+    *,
+    return_source: bool = False,
+):
     """(images uint8 NHWC, labels int64) of a small-image dataset split ("train"/"test").
 
-    Looks for the official offline files in data_dir (and the dataset's default
-    folders), then asks TFDS (data_dir is TFDS's data_dir). Raises DataNotFoundError
-    naming the files to provide when neither works.
+    With `data_dir`: the official offline files there, else TFDS with `data_dir` as
+    its data_dir (prepared there, or downloaded into it with `download`); never another
+    folder, so a data_dir without the files is an error, not silently some other copy.
+    Without: the dataset's default folders (Debian's /usr/share/datasets/...), then
+    TFDS's default data_dir. Raises DataNotFoundError naming the files to provide.
+    `return_source=True` adds a third value, where the arrays came from (for logs and
+    metrics.json), e.g. "official files in /data/cifar" or "tensorflow-datasets
+    (data_dir ~/tensorflow_datasets)".
     """
     ds = info(name)
     if name not in SMALL_IMAGE_DATASETS:
@@ -301,15 +318,26 @@ def load_arrays(name: str, split: str, data_dir: str | None = None, download: bo
         raise DataNotFoundError(
             f"data directory {data_dir} does not exist; {_offline_help(ds, data_dir)}"
         )
-    for directory in ([data_dir] if data_dir else []) + list(ds.default_dirs):
+    found = None
+    for directory in [data_dir] if data_dir else list(ds.default_dirs):
         found = (
             read_cifar(name, split, directory)
             if ds.offline == "cifar"
             else read_idx(split, directory, name)
         )
         if found is not None:
-            return found
-    return _load_tfds_arrays(ds, split, data_dir, download)
+            source = f"official files in {os.path.abspath(directory)}"
+            break
+    if found is None:
+        found = _load_tfds_arrays(ds, split, data_dir, download)
+        source = f"tensorflow-datasets (data_dir {data_dir or _tfds_data_dir()})"
+    return (*found, source) if return_source else found
+
+
+def _tfds_data_dir():
+    import tensorflow_datasets as tfds
+
+    return tfds.core.constants.DATA_DIR
 
 
 def _load_tfds_arrays(ds: DatasetInfo, split, data_dir, download):

@@ -18,3 +18,9 @@ class DataNotFoundError(FileNotFoundError):
 
 class DataFormatError(ValueError):
     """A dataset file exists but is not what its format says: names the file and the fault."""
+
+
+class RunError(ValueError):
+    """A run folder or run configuration that does not allow what was asked (resume a
+    finished run, start over an unfinished one, a teacher of another dataset, ...):
+    says what is there and what to do instead."""

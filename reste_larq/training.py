@@ -23,6 +23,8 @@ model.compile(TorchSGD(0.1, momentum=0.9, coupled_weight_decay=1e-4),
 
 from __future__ import annotations
 
+import gc
+
 import tensorflow as tf
 
 from reste_larq.errors import ConfigError
@@ -185,3 +187,54 @@ def top_k_accuracy(num_classes: int, k: int = 1, name: str | None = None):
         return tf.cast(tf.math.in_top_k(labels, tf.cast(logits, tf.float32), k), tf.float32)
 
     return tf.keras.metrics.MeanMetricWrapper(accuracy, name=name or f"top{k}")
+
+
+def restore_weights(model, checkpoint_path, *, distilled=False):
+    """Restore every weight of `model` from a TF checkpoint of a run, or stop.
+
+    The checkpoint is matched by object graph (`tf.train.Checkpoint(model=...)`, as the
+    training CLIs write it; `distilled`: it holds a `Distiller`, the student under
+    model/student), so a 1W32A run's weights load into its 1W1A twin: the twin's
+    activation quantizers hold only estimator state (o, mu), which is not in
+    `model.weights` and may be missing. Every weight must come from the checkpoint: a
+    TF restore alone passes when one variable matched, and a model whose shapes happen
+    to line up would train mostly from its random initialization.
+
+    Raises `ConfigError` naming the weights that are missing from the checkpoint (or
+    not finite in it) or whose shapes differ.
+
+    ```python
+    twin = models.build("resnet20_1w1a")   # uncompiled: no optimizer slots to restore
+    restore_weights(twin, tf.train.latest_checkpoint("results/stage1/checkpoint"))
+    student.set_weights(twin.get_weights())
+    ```
+    """
+    weights = [w for w in model.weights if w.dtype.is_floating]
+    for w in weights:  # a weight the restore does not reach stays NaN
+        w.assign(tf.fill(w.shape, tf.constant(float("nan"), w.dtype)))
+    saved = tf.train.Checkpoint(student=model) if distilled else model
+    detail = None
+    logger = tf.get_logger()
+    level = logger.level
+    # A restore that fails midway leaves a half-read checkpoint whose deletion logs one
+    # warning per unread value (dozens): the error below says what is wrong.
+    logger.setLevel("ERROR")
+    try:
+        try:
+            tf.train.Checkpoint(model=saved).restore(checkpoint_path).expect_partial()
+        except ValueError as error:  # TensorFlow names the variable whose shape differs
+            detail = str(error).strip().splitlines()[0]
+        gc.collect()  # the half-read checkpoint, while the logger is quiet
+    finally:
+        logger.setLevel(level)
+    if detail is not None:
+        raise ConfigError(f"{checkpoint_path} holds a model of another architecture: {detail}")
+    missing = [w.name for w in weights if not tf.reduce_all(tf.math.is_finite(w))]
+    if missing:
+        shown = ", ".join(missing[:8]) + (
+            f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+        )
+        raise ConfigError(
+            f"{checkpoint_path} does not hold {len(missing)} of the model's "
+            f"{len(weights)} weights (missing, or not finite there): {shown}"
+        )

@@ -107,6 +107,26 @@ def test_debian_fashion_mnist_is_found_without_data_dir():
     assert x.shape == (10000, 28, 28, 1) and set(np.unique(y)) == set(range(10))
 
 
+def test_a_data_dir_without_the_files_is_an_error_not_another_copy(tmp_path, monkeypatch):
+    """The default folder (Debian's, here a made-up one) is searched only without
+    --data-dir: a data_dir that lacks the files must not train on some other copy.
+    The arrays' source is reported for the log and metrics.json."""
+    import dataclasses
+
+    default, empty = tmp_path / "debian", tmp_path / "mine"
+    default.mkdir()
+    empty.mkdir()
+    images = np.random.default_rng(0).integers(0, 256, (3, 28, 28), dtype=np.uint8)
+    write_idx(str(default), "test", images, np.array([1, 2, 3]))
+    ds = dataclasses.replace(data.DATASETS["fashion_mnist"], default_dirs=(str(default),))
+    monkeypatch.setitem(data.DATASETS, "fashion_mnist", ds)
+    x, _, source = data.load_arrays("fashion_mnist", "test", download=False, return_source=True)
+    np.testing.assert_array_equal(x[..., 0], images)
+    assert source == f"official files in {default}"
+    with pytest.raises(data.DataNotFoundError, match=f"{empty}/t10k-images-idx3-ubyte.gz"):
+        data.load_arrays("fashion_mnist", "test", str(empty), download=False)
+
+
 def test_tfds_mock_data():
     with tfds.testing.mock_data(num_examples=12):
         x, y = data.load_arrays("cifar10", "train", download=False)

@@ -82,3 +82,43 @@ def test_bad_settings():
         Distiller(a, a, alpha=1.5)
     with pytest.raises(ConfigError, match="temperature must be > 0"):
         Distiller(a, a, temperature=0)
+
+
+def test_callbacks_see_the_student_alone():
+    """EstimatorSchedule, FrozenFraction and Indicators on a Distiller: a binary teacher's
+    quantizers keep their o, and its kernels (all beyond every estimator's window here)
+    enter neither the frozen fraction nor the indicators."""
+    from reste_larq import callbacks as cb
+    from reste_larq.quantizers import ReSTE, scheduled_quantizers
+    from tests.test_models import two_conv_net
+
+    tf.keras.utils.set_random_seed(3)
+    student, teacher = two_conv_net("reste", False), two_conv_net("reste", False)
+    for kernel in cb.binary_kernels(teacher):
+        kernel.assign(tf.fill(kernel.shape, 5.0))  # frozen under every estimator
+    distiller = Distiller(student, teacher)
+    distiller.compile(
+        optimizer=training.TorchSGD(0.01, momentum=0.9), loss=training.sparse_cross_entropy(5)
+    )
+    x = np.random.default_rng(0).standard_normal((8, 8, 8, 3)).astype(np.float32)
+    y = np.arange(8) % 5
+    schedule = cb.EstimatorSchedule(4, o_end=3.0)
+    frozen, indicators = cb.FrozenFraction(), cb.Indicators((x, y), o=3.0)
+    teacher_stats = [w.numpy() for w in teacher.non_trainable_weights]
+    logs = {}
+    for callback in (schedule, frozen, indicators):
+        callback.set_model(distiller)
+    schedule.on_epoch_begin(3)
+    frozen.on_epoch_end(0, logs)
+    indicators.on_epoch_end(0, logs)
+
+    assert {q.o for q in scheduled_quantizers(student, ReSTE)} == {np.float32(schedule.o_at(3))}
+    assert {q.o for q in scheduled_quantizers(teacher, ReSTE)} == {1.0}
+    assert logs["frozen_fraction"] == cb.frozen_fraction(student) < 0.5
+    assert logs["estimating_error"] == cb.estimating_error(student, 3.0)
+    alone = cb.Indicators((x, y), o=3.0)
+    student.compile(loss=training.sparse_cross_entropy(5))
+    alone.set_model(student)
+    assert logs["gradient_stability"] == pytest.approx(alone.gradient_stability(), rel=1e-5)
+    for w, value in zip(teacher.non_trainable_weights, teacher_stats):
+        np.testing.assert_array_equal(w.numpy(), value)

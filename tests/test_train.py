@@ -2,6 +2,7 @@
 resume after a crash, --evaluate, --init-from, bad input, tf.distribute."""
 
 import csv
+import itertools
 import json
 import os
 import subprocess
@@ -13,6 +14,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from reste_larq import callbacks as cb
+from reste_larq import experiment, rundir
 from train import cifar, common
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -188,6 +190,10 @@ def test_resume_after_crash_ends_where_uninterrupted_run_ends(
         "--quantizer",
         "reste",
     ]
+    # train_seconds sums the epochs of every process of a resumed run (it was the last
+    # process's alone): with a clock that advances 10 s per reading, the straight and
+    # the resumed run read it equally often per trained epoch
+    monkeypatch.setattr(rundir, "_clock", itertools.count(0, 10).__next__)
     assert run_cli(*common, "--name", "straight") == 0
 
     run_killed_at_epoch(1, monkeypatch, *common, "--name", "crashed")
@@ -207,6 +213,14 @@ def test_resume_after_crash_ends_where_uninterrupted_run_ends(
     assert resumed == straight  # every logged value of every epoch, as written
     m1, m2 = read_metrics(str(tmp_path / "straight")), read_metrics(crashed)
     assert m1["weights_sha256"] == m2["weights_sha256"]  # the same weights, bit for bit
+    assert m1["train_seconds"] == m2["train_seconds"] == 30.0  # begin, 2 epochs, end
+    # what made the figure: the stack's versions and this checkout's commit
+    assert m2["provenance"]["tensorflow"] == tf.__version__
+    assert m2["data_source"] == f"official files in {cifar_dir}"
+    assert m2["provenance"]["larq_compute_engine"] is not None
+    head = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:
+        assert m2["provenance"]["commit"] == head.stdout.strip()
 
     # A finished run is neither resumed nor re-evaluated: --resume refuses it, and
     # --auto-resume (a restarted job) says so and exits 0 without rewriting anything.
@@ -274,6 +288,25 @@ def test_run_killed_before_its_first_checkpoint_is_not_started_with_other_flags(
     capsys.readouterr()
     assert run_cli(*argv, "--seed", "7") == 2
     assert "--seed 7 (run has 1234)" in capsys.readouterr().err
+
+
+def test_init_from_a_run_of_another_block_stops_with_one_line(cifar_dir, tmp_path, capsys):
+    """Every weight must come from --init-from's checkpoint: here the shapes differ
+    (a reference-block run into --block prelu), which used to end in a traceback."""
+    from reste_larq import models
+
+    other = tmp_path / "reference"
+    model = models.build("resnet20_1w1a", input_shape=(32, 32, 3), num_classes=10)
+    tf.train.CheckpointManager(
+        tf.train.Checkpoint(model=model), str(other / "checkpoint"), max_to_keep=1
+    ).save()
+    (other / "args.json").write_text(json.dumps({"model": "resnet20_1w1a", "block": "reference"}))
+    argv = ["--data-dir", cifar_dir, "--results-dir", tmp_path, *QUICK, "--no-export"]
+    assert run_cli(*argv, "--block", "prelu", "--name", "p", "--init-from", other) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --init-from {other}: ")
+    assert "another architecture" in err[0] and "(it was trained with --block reference)" in err[0]
+    assert not os.path.exists(tmp_path / "p" / "args.json")
 
 
 @pytest.mark.slow  # --init-from between stages, default suite: tests/test_multistage.py
@@ -409,8 +442,8 @@ def test_mirrored_strategy_on_two_logical_cpus(cifar_dir, tmp_path):
 def test_cli_strategy_decides_synchronized_batchnorm(strategy):
     """--strategy mirrored|multi_worker builds every BatchNorm synchronized (statistics
     over the global batch, as one device would compute them), the default none."""
-    args = common.resolve_args(cifar.build_parser().parse_args(["--strategy", strategy]))
-    model = common.build_model(args, 10, (8, 8, 3))
+    config = common.config(cifar.build_parser().parse_args(["--strategy", strategy]))
+    model = experiment.build_model(config, 10, (8, 8, 3))
     bns = [l for l in model.layers if isinstance(l, tf.keras.layers.BatchNormalization)]
     assert len(bns) == 20
     assert [l.synchronized for l in bns] == [strategy != "default"] * len(bns)
@@ -422,13 +455,13 @@ def test_cli_optimizer_is_pytorch_sgd_with_coupled_weight_decay():
         b = momentum * b + (dL/dw + wd * w);  w = w - lr * b
     on every trainable weight, BatchNorm's included. Keras' SGD (v = m v - lr g) and an
     L2 term missing from some weights both fail this."""
-    args = common.resolve_args(
+    config = common.config(
         cifar.build_parser().parse_args(
             ["--weight-decay", "0.01", "--momentum", "0.9", "--lr", "0.1"]
         )
     )
-    model = common.build_model(args, 10, (8, 8, 3))
-    common.compile_model(model, args)
+    model = experiment.build_model(config, 10, (8, 8, 3))
+    experiment.compile_model(model, config)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((6, 8, 8, 3)).astype(np.float32)
     y = np.arange(6) % 10
@@ -463,13 +496,13 @@ def test_cli_optimizer_is_pytorch_sgd_with_coupled_weight_decay():
 
 def spy_on_compiled_model(monkeypatch):
     seen = {}
-    original = common.compile_model
+    original = experiment.compile_model
 
-    def spy(model, args):
-        original(model, args)
+    def spy(model, config):
+        original(model, config)
         seen["model"] = model
 
-    monkeypatch.setattr(common, "compile_model", spy)
+    monkeypatch.setattr(experiment, "compile_model", spy)
     return seen
 
 
@@ -730,13 +763,31 @@ def test_bad_teacher_is_a_one_line_error(cifar_dir, tmp_path, capsys):
     other.mkdir()
     (other / "args.json").write_text(json.dumps({"dataset": "cifar100"}))
     (other / "final.weights.h5").write_bytes(b"")
-    for teacher, message in (
-        (not_a_run, "is not a run folder"),
-        (unfinished, "has no final.weights.h5"),
-        (other, "was trained on cifar100 (100 classes"),
+    # Same classes and image shape, yet another dataset or other normalization.
+    fashion = tmp_path / "fashion"
+    fashion.mkdir()
+    (fashion / "args.json").write_text(json.dumps({"dataset": "fashion_mnist"}))
+    (fashion / "final.weights.h5").write_bytes(b"")
+    wrn = tmp_path / "wrn"
+    wrn.mkdir()
+    (wrn / "args.json").write_text(json.dumps({"dataset": "cifar10", "mean_std": "wrn"}))
+    (wrn / "final.weights.h5").write_bytes(b"")
+    for teacher, message, more in (
+        (not_a_run, "is not a run folder", []),
+        (unfinished, "has no final.weights.h5", []),
+        (other, "was trained on cifar100; this run trains on cifar10", []),
+        (fashion, "was trained on fashion_mnist; this run trains on mnist", ["--dataset", "mnist"]),
+        (wrn, "trained with --mean-std wrn and this run normalizes with --mean-std dataset", []),
     ):
         code = run_cli(
-            "--data-dir", cifar_dir, "--results-dir", tmp_path / "r", *QUICK, "--teacher", teacher
+            "--data-dir",
+            cifar_dir,
+            "--results-dir",
+            tmp_path / "r",
+            *QUICK,
+            "--teacher",
+            teacher,
+            *more,
         )
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and message in err[0], err
@@ -762,7 +813,7 @@ def test_wrn_takes_its_own_recipe_for_unset_flags():
         1e-4,
     )
     assert (args.mean_std, args.crop_padding, args.momentum) == ("wrn", "reflect", 0.9)
-    schedule = common.learning_rate_schedule(common.resolve_args(args))
+    schedule = experiment.learning_rate_schedule(common.config(args))
     assert cb.sgdr_restarts(2, 2.0, 256) == [2, 4, 8, 16, 32, 64, 128]
     assert schedule.lr_at(0) == pytest.approx(0.1) and schedule.lr_at(2) == pytest.approx(0.1)
     mine = common.parse(parser, ["--model", "wrn20_10_1bit", "--epochs", "3", "-b", "64"])

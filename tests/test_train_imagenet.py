@@ -39,9 +39,9 @@ def test_help_names_the_module_and_lists_imagenet_models(capsys):
     ],
 )
 def test_defaults_that_depend_on_other_flags(argv, quantizer, lr):
-    from train.common import resolve_args
+    from train.common import config
 
-    args = resolve_args(imagenet.build_parser().parse_args(argv))
+    args = config(imagenet.build_parser().parse_args(argv))
     assert (args.quantizer, args.lr) == (quantizer, lr)
 
 

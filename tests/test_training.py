@@ -116,3 +116,47 @@ def test_cross_entropy_takes_soft_labels_and_top_k_reads_them():
     top1.reset_state()
     top1.update_state(tf.constant([0, 2]), logits)
     assert float(top1.result()) == 1.0
+
+
+def _net(quantizer, a32, widths=(8, 8), extra_dense=False):
+    from reste_larq.models.blocks import BinarySpec, binary_conv_block, classifier_head
+
+    spec = BinarySpec(quantizer=quantizer, a32=a32)
+    inputs = tf.keras.Input((8, 8, 3))
+    x = tf.keras.layers.Conv2D(widths[0], 3, padding="same", use_bias=False)(inputs)
+    x = binary_conv_block(x, spec, widths[1])
+    x = classifier_head(x, 5)
+    if extra_dense:
+        x = tf.keras.layers.Dense(5)(x)
+    return tf.keras.Model(inputs, x)
+
+
+def _checkpoint(model, directory, distilled=False):
+    saved = tf.train.Checkpoint(student=model) if distilled else model
+    return tf.train.Checkpoint(model=saved).save(str(directory / "ckpt"))
+
+
+@pytest.mark.parametrize("distilled", [False, True])
+def test_restore_weights_loads_every_weight_and_skips_estimator_state(tmp_path, distilled):
+    """A 1W32A run into its 1W1A twin: the activation quantizers' o is not a weight."""
+    source = _net("reste", a32=True)
+    path = _checkpoint(source, tmp_path, distilled)
+    twin = _net("reste", a32=False)
+    training.restore_weights(twin, path, distilled=distilled)
+    for a, b in zip(source.get_weights(), twin.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_restore_weights_names_what_the_checkpoint_lacks(tmp_path):
+    """One matched variable used to be enough (`assert_nontrivial_match`)."""
+    path = _checkpoint(_net("reste", a32=False), tmp_path)
+    with pytest.raises(ConfigError, match=r"does not hold 2 of the model's \d+ weights.*dense"):
+        training.restore_weights(_net("reste", a32=False, extra_dense=True), path)
+    with pytest.raises(ConfigError, match="does not hold"):  # the student, not a Distiller
+        training.restore_weights(_net("reste", a32=False), path, distilled=True)
+
+
+def test_restore_weights_names_a_weight_of_another_shape(tmp_path):
+    path = _checkpoint(_net("reste", a32=False), tmp_path)
+    with pytest.raises(ConfigError, match=r"another architecture.*shape"):
+        training.restore_weights(_net("reste", a32=False, widths=(8, 16)), path)

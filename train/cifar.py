@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 
-from reste_larq import data, models
+from reste_larq import data, experiment, models
 from train import common
 
 DEFAULTS = {
@@ -47,40 +47,8 @@ MODEL_DEFAULTS = {
 }
 
 
-def load_data(args, train: bool = True) -> common.Data:
-    info = data.with_mean_std(data.info(args.dataset), args.mean_std)
-    test_x, test_y = data.load_arrays(args.dataset, "test", args.data_dir, args.download)
-    if args.test_limit:
-        test_x, test_y = test_x[: args.test_limit], test_y[: args.test_limit]
-    eval_ds = data.eval_dataset(test_x, test_y, info, args.batch_size_test)
-    if not train:
-        return common.Data(info.num_classes, test_x.shape[1:], eval_ds)
-    train_x, train_y = data.load_arrays(args.dataset, "train", args.data_dir, args.download)
-    if args.train_limit:
-        train_x, train_y = train_x[: args.train_limit], train_y[: args.train_limit]
-
-    def make_train(first_epoch):
-        return data.train_dataset(
-            train_x,
-            train_y,
-            info,
-            args.batch_size,
-            args.seed,
-            first_epoch,
-            args.epochs,
-            pad_mode=args.crop_padding,
-            rotate=args.rotate,
-            mixup=args.mixup,
-        )
-
-    batch = min(args.batch_size, len(train_x))
-    return common.Data(
-        info.num_classes,
-        train_x.shape[1:],
-        eval_ds,
-        make_train,
-        lambda: (data.normalize(train_x[:batch], info), train_y[:batch]),
-    )
+# data -> Data: the official offline files or TFDS, the ReSTE reference's augmentation
+load_data = experiment.small_image_data
 
 
 def build_parser():

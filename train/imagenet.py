@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 
-from reste_larq import data, models
+from reste_larq import data, experiment, models
 from train import common
 
 DEFAULTS = {
@@ -29,37 +29,8 @@ DEFAULTS = {
 }
 
 
-def load_data(args, train: bool = True) -> common.Data:
-    info = data.info(args.dataset)
-    eval_ds = data.imagenet_eval_dataset(
-        args.data_dir, args.batch_size_test, download=args.download, limit=args.test_limit
-    )
-    if not train:
-        return common.Data(info.num_classes, info.image_shape, eval_ds)
-
-    def make_train(first_epoch):
-        return data.imagenet_train_dataset(
-            args.data_dir,
-            args.batch_size,
-            args.seed,
-            first_epoch,
-            args.epochs,
-            download=args.download,
-            limit=args.train_limit,
-            shuffle_buffer=args.shuffle_buffer,
-            color_jitter=args.color_jitter,
-            lighting=args.lighting,
-        )
-
-    make_train(0)  # a missing or empty train split fails here, before anything is written
-    return common.Data(
-        info.num_classes,
-        info.image_shape,
-        eval_ds,
-        make_train,
-        # only --indicators pulls a batch (the first of epoch 0)
-        lambda: next(iter(make_train(0)[0])),
-    )
+# data -> Data: TFDS's prepared imagenet2012 in --data-dir
+load_data = experiment.imagenet_data
 
 
 def build_parser():

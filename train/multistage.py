@@ -29,7 +29,8 @@ import sys
 
 import tensorflow as tf
 
-from reste_larq.errors import ConfigError, DataFormatError, DataNotFoundError
+from reste_larq import rundir
+from reste_larq.config import FIELDS_ADDED_LATER, RUN_DEFINING
 from train import cifar, common
 
 # stage name -> the flags that make it
@@ -115,7 +116,12 @@ def run(args) -> list[dict]:
             f"{', '.join(given)}: the multi-stage command sets these per stage "
             "(choose stages with --stages; re-running the command resumes it)"
         )
-    common.resolve_args(args)
+    resolved = common.config(args)
+    args.quantizer, args.lr, args.lr_schedule = (
+        resolved.quantizer,
+        resolved.lr,
+        resolved.lr_schedule,
+    )
     if args.quantizer == "float" and set(args.stages) - {"float"}:
         raise common.UsageError("--quantizer float: the binary stages need an estimator")
     plan = stage_plan(args)
@@ -123,14 +129,14 @@ def run(args) -> list[dict]:
     folder = os.path.join(args.results_dir, name)
     # What defines the run (the flags train.cifar checks on --resume, and the stages);
     # output-only flags (--verbose, --export, --data-dir, ...) may change between calls.
-    defining = (*common.RUN_DEFINING_FLAGS, "stages", "epochs_per_stage")
+    defining = (*RUN_DEFINING, "stages", "epochs_per_stage")
     settings = {k: getattr(args, k) for k in sorted(defining) if hasattr(args, k)}
     state_path = os.path.join(folder, STATE_FILE)
     if os.path.exists(state_path):
         with open(state_path) as f:
             saved = json.load(f)
         # a flag newer than the saved run: the value that run had
-        saved = {k: saved.get(k, common._FLAG_ADDED_LATER.get(k)) for k in settings}
+        saved = {k: saved.get(k, FIELDS_ADDED_LATER.get(k)) for k in settings}
         changed = sorted(k for k in settings if saved[k] != settings[k])
         if changed:
             raise common.UsageError(
@@ -142,7 +148,7 @@ def run(args) -> list[dict]:
     elif os.path.exists(folder) and os.listdir(folder):
         raise common.UsageError(f"{folder} already holds something that is not a multi-stage run")
     os.makedirs(folder, exist_ok=True)
-    common._write_json(state_path, settings)
+    rundir.write_json(state_path, settings)
 
     rows, previous, teacher = [], None, None
     for stage, stage_name, epochs in plan:
@@ -151,7 +157,7 @@ def run(args) -> list[dict]:
         metrics_path = os.path.join(directory, "metrics.json")
         if os.path.isfile(metrics_path):
             print(f"stage {stage_name}: finished earlier", flush=True)
-            metrics = common._load_json(metrics_path)
+            metrics = rundir.read_json(metrics_path)
         else:
             checkpoint = tf.train.latest_checkpoint(os.path.join(directory, "checkpoint"))
             if checkpoint is None and os.path.isdir(directory):
@@ -164,7 +170,7 @@ def run(args) -> list[dict]:
         previous = directory
         if stage == "float":
             teacher = directory
-    common._write_json(os.path.join(folder, "stages.json"), rows)
+    rundir.write_json(os.path.join(folder, "stages.json"), rows)
     print_table(rows, folder)
     return rows
 
@@ -187,7 +193,7 @@ def main(argv=None) -> int:
     args = common.parse(build_parser(), argv)
     try:
         run(args)
-    except (common.UsageError, ConfigError, DataNotFoundError, DataFormatError) as error:
+    except common.ONE_LINE_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -1,0 +1,88 @@
+"""Strategies, the chief, and agreement between the workers of a multi-worker run.
+
+`MultiWorkerMirroredStrategy` runs the same program in every worker process (TF_CONFIG
+names the cluster and this task). Only the chief writes the run folder; every worker
+must reach the same decision about it before anything is written (`workers_agree`), and
+an all-reduce of a small tensor is the barrier that carries that decision.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import numpy as np
+import tensorflow as tf
+
+from reste_larq.errors import RunError
+
+
+def make_strategy(strategy: str = "default", logical_cpus: int | None = None):
+    """ "default" (one device), "mirrored" (the GPUs, else `logical_cpus` CPU devices) or
+    "multi_worker" (TF_CONFIG's cluster)."""
+    if logical_cpus:
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * logical_cpus
+        )
+    if strategy == "mirrored":
+        devices = [d.name for d in tf.config.list_logical_devices("GPU")] or [
+            d.name for d in tf.config.list_logical_devices("CPU")
+        ]
+        return tf.distribute.MirroredStrategy(devices)
+    if strategy == "multi_worker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+def worker_task() -> tuple[bool, str]:
+    """(is_chief, name) of this process from TF_CONFIG: the chief is the task of type
+    "chief", else worker 0 (TensorFlow's convention); a single process is the chief."""
+    try:
+        config = json.loads(os.environ.get("TF_CONFIG") or "{}")
+    except json.JSONDecodeError as error:
+        raise RunError(f"TF_CONFIG is not JSON: {error}") from None
+    task = config.get("task") or {}
+    kind, index = task.get("type", "chief"), int(task.get("index", 0))
+    chief = kind == "chief" or (
+        kind == "worker" and index == 0 and "chief" not in config.get("cluster", {})
+    )
+    return chief, f"{kind}{index}"
+
+
+def sum_over_workers(strategy, value):
+    """All-reduce (sum) a small tensor over every replica: a barrier that carries data."""
+
+    @tf.function
+    def reduce():
+        def replica_fn():
+            context = tf.distribute.get_replica_context()
+            return context.all_reduce(tf.distribute.ReduceOp.SUM, tf.identity(value))
+
+        return strategy.run(replica_fn)
+
+    return strategy.experimental_local_results(reduce())[0].numpy()
+
+
+def workers_agree(strategy, error: Exception | None, resume: bool):
+    """A barrier before anything is written: every worker brings its verdict on the run
+    folder (refuse, start, resume) and all go on only if all verdicts are the same."""
+    verdict = 0 if error else 1 + int(resume)  # refuse, start, resume
+    counts = sum_over_workers(strategy, tf.one_hot(verdict, 3))
+    if error:
+        raise error
+    if counts[verdict] != counts.sum():
+        raise RunError(
+            "the workers disagree on the run folder (another worker refused it, or they "
+            "see different files); every worker must see the same --results-dir on a "
+            "shared file system"
+        )
+
+
+def weights_digest(model) -> str:
+    """sha256 of every weight's bytes: equal digests, bit-identical models."""
+    digest = hashlib.sha256()
+    for w in model.get_weights():
+        digest.update(np.ascontiguousarray(w).tobytes())
+    return digest.hexdigest()
