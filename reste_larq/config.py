@@ -102,6 +102,7 @@ class RunConfig:
     # distribution
     strategy: str = "default"
     logical_cpus: int | None = None
+    deterministic: bool = False  # tf.config.experimental.enable_op_determinism()
 
     # ------------------------------------------------------------------ derived
     def resolved(self) -> RunConfig:

@@ -112,7 +112,11 @@ class Distiller(tf.keras.Model):
         x, y = data[0], data[1]
         logits = self.student(x, training=False)
         loss = self.compiled_loss(y, logits, regularization_losses=self.student.losses)
-        self.total_loss_tracker.update_state(loss)
+        # Keras scaled the compiled loss by 1 / replicas (it sums over replicas when it
+        # applies gradients): the tracker reports the per-batch mean, as train_step does.
+        self.total_loss_tracker.update_state(
+            loss * tf.distribute.get_strategy().num_replicas_in_sync
+        )
         self.compiled_metrics.update_state(y, logits)
         return {m.name: m.result() for m in self.metrics if m.name != "kd_loss"}
 

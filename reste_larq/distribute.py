@@ -54,29 +54,55 @@ def worker_task() -> tuple[bool, str]:
 def sum_over_workers(strategy, value):
     """All-reduce (sum) a small tensor over every replica: a barrier that carries data."""
 
+    # Each local replica brings value / (its worker's replicas): the sum is over workers.
+    local = len(getattr(strategy.extended, "worker_devices", ())) or 1
+
     @tf.function
     def reduce():
         def replica_fn():
             context = tf.distribute.get_replica_context()
-            return context.all_reduce(tf.distribute.ReduceOp.SUM, tf.identity(value))
+            return context.all_reduce(tf.distribute.ReduceOp.SUM, tf.identity(value) / local)
 
         return strategy.run(replica_fn)
 
     return strategy.experimental_local_results(reduce())[0].numpy()
 
 
+MESSAGE_BYTES = 600  # of a refusal's one line, shared with every worker
+
+
+def cluster_tasks() -> list[str]:
+    """Every task of TF_CONFIG's cluster, chief first ("chief0", "worker0", ...)."""
+    config = json.loads(os.environ.get("TF_CONFIG") or "{}")
+    cluster = config.get("cluster", {})
+    return [f"{kind}{i}" for kind in ("chief", "worker") for i in range(len(cluster.get(kind, [])))]
+
+
 def workers_agree(strategy, error: Exception | None, resume: bool):
     """A barrier before anything is written: every worker brings its verdict on the run
-    folder (refuse, start, resume) and all go on only if all verdicts are the same."""
+    (refuse, start, resume) and, if it refuses, its one-line reason. All go on only if
+    all verdicts are the same; if any worker refused, every worker raises the same
+    RunError, naming the first refusing task and its reason (so all exit 2 with the same
+    line instead of waiting for a worker that left)."""
+    tasks = cluster_tasks() or ["chief0"]
+    slot = tasks.index(worker_task()[1]) if len(tasks) > 1 else 0
     verdict = 0 if error else 1 + int(resume)  # refuse, start, resume
-    counts = sum_over_workers(strategy, tf.one_hot(verdict, 3))
+    shared = np.zeros((len(tasks), 3 + MESSAGE_BYTES), np.float32)
+    shared[slot, verdict] = 1.0
     if error:
-        raise error
-    if counts[verdict] != counts.sum():
+        reason = str(error).encode()[:MESSAGE_BYTES]
+        shared[slot, 3 : 3 + len(reason)] = np.frombuffer(reason, np.uint8)
+    # bytes as floats: exact, and summed over tasks they never overlap (one row each)
+    total = np.rint(sum_over_workers(strategy, tf.constant(shared))).astype(np.int64)
+    refusing = [i for i in range(len(tasks)) if total[i, 0]]
+    if refusing:
+        row = total[refusing[0], 3:]
+        reason = bytes(row[: int(np.argmin(row)) if 0 in row else len(row)].astype(np.uint8))
+        raise RunError(f"{tasks[refusing[0]]} refused the run: {reason.decode(errors='replace')}")
+    if len({int(np.argmax(total[i, :3])) for i in range(len(tasks))}) > 1:
         raise RunError(
-            "the workers disagree on the run folder (another worker refused it, or they "
-            "see different files); every worker must see the same --results-dir on a "
-            "shared file system"
+            "the workers disagree on the run folder (start or resume: they see different "
+            "files); every worker must see the same --results-dir on a shared file system"
         )
 
 

@@ -40,9 +40,11 @@ from reste_larq import data as data_lib
 from reste_larq import distribute, export, models, provenance, rundir, training
 from reste_larq.config import PRECISION_POLICIES, RunConfig
 from reste_larq.distill import Distiller
-from reste_larq.errors import ConfigError, RunError
+from reste_larq.errors import ConfigError, DataFormatError, DataNotFoundError, RunError
 
 PACKED_FILE = "model.packed.npz"
+# What refuses a run before anything is written (one line each, exit 2 in the CLIs).
+REFUSALS = (RunError, ConfigError, DataNotFoundError, DataFormatError)
 PER_EPOCH_COLUMNS = ("epoch", "lr", "o", "mu", "frozen_fraction", "loss", "val_accuracy")
 
 
@@ -395,38 +397,43 @@ class Experiment:
         if config.evaluate:
             return self.evaluate(config.evaluate)
         folder = rundir.RunFolder(config.run_dir())
-        # The run folder's checks write nothing: with several workers they must all
-        # decide the same (start, resume, or refuse) before the chief writes anything.
-        folder_error, verdict = None, rundir.START
+        multi_worker = config.strategy == "multi_worker"
+        # Every check that can refuse the run writes nothing, and with several workers
+        # they must all decide the same (start, resume, or refuse, with the same line)
+        # before the chief writes anything: a worker that exits alone leaves the others
+        # waiting in a collective. Single-process runs raise at once.
+        refusal, verdict, teacher, init_checkpoint, data = None, rundir.START, None, None, None
         try:
             verdict = folder.decide(config)
-        except RunError as error:
-            folder_error = error
-        if config.strategy != "multi_worker" and folder_error:
-            raise folder_error
+            teacher = teacher_config(config)
+            init_checkpoint = self._init_checkpoint()
+        except REFUSALS as error:
+            if not multi_worker:
+                raise
+            refusal = error
         if verdict == rundir.FINISHED:  # auto_resume of a finished run: report, write nothing
             print(f"{folder.path} holds a finished run: nothing to do", file=sys.stderr)
             return rundir.read_json(folder.file("metrics.json"))
         resume = verdict == rundir.RESUME
-        teacher = teacher_config(config)
-        init_checkpoint = None
-        if config.init_from:
-            init_checkpoint = rundir.RunFolder(config.init_from).latest_checkpoint()
-            if init_checkpoint is None or not os.path.isfile(
-                os.path.join(config.init_from, "args.json")
-            ):
-                raise RunError(
-                    f"--init-from: {config.init_from} is not a run folder with args.json "
-                    "and a checkpoint/"
-                )
 
         tf.keras.utils.set_random_seed(config.seed)
+        if config.deterministic:
+            # Process-wide and one-way: every op from here on picks its deterministic
+            # kernel (GPU reductions, cuDNN), or raises where it has none.
+            tf.config.experimental.enable_op_determinism()
         # Before any model is built: Keras layers take the global policy when made
         # (float16 compiles with dynamic loss scaling: Keras wraps the optimizer).
         tf.keras.mixed_precision.set_global_policy(PRECISION_POLICIES[config.mixed_precision])
         strategy = distribute.make_strategy(config.strategy, config.logical_cpus)
-        if config.strategy == "multi_worker":
-            distribute.workers_agree(strategy, folder_error, resume)
+        if refusal is None:
+            try:  # after the strategy: a multi-worker strategy must come before other ops
+                data = self.load_data(config)
+            except REFUSALS as error:
+                if not multi_worker:
+                    raise
+                refusal = error
+        if multi_worker:
+            distribute.workers_agree(strategy, refusal, resume)
         chief, task = (
             distribute.worker_task() if config.strategy == "multi_worker" else (True, "chief0")
         )
@@ -435,18 +442,30 @@ class Experiment:
         out = folder.path if chief else tempfile.mkdtemp(prefix=f"reste_larq_{task}_")
         try:
             return self._train(
-                folder, rundir.RunFolder(out), strategy, resume, teacher, init_checkpoint
+                folder, rundir.RunFolder(out), strategy, resume, teacher, init_checkpoint, data
             )
         finally:
             if not chief:
                 shutil.rmtree(out, ignore_errors=True)
 
-    def _train(self, folder, out, strategy, resume, teacher_cfg, init_checkpoint):
+    def _init_checkpoint(self):
+        """config.init_from's latest checkpoint (None without init_from)."""
+        config = self.config
+        if not config.init_from:
+            return None
+        found = rundir.RunFolder(config.init_from).latest_checkpoint()
+        if found is None or not os.path.isfile(os.path.join(config.init_from, "args.json")):
+            raise RunError(
+                f"--init-from: {config.init_from} is not a run folder with args.json "
+                "and a checkpoint/"
+            )
+        return found
+
+    def _train(self, folder, out, strategy, resume, teacher_cfg, init_checkpoint, data):
         """Train as `run` prepared: read the run's state from `folder` (the chief's),
         write this worker's files to `out`."""
         config = self.config
         chief = out.path == folder.path
-        data = self.load_data(config)
         if chief and data.source:
             print(f"{config.dataset}: {data.source}", flush=True)
         os.makedirs(out.path, exist_ok=True)
@@ -547,6 +566,7 @@ class Experiment:
         metrics["train_seconds"] = train_seconds
         metrics["weights_sha256"] = digest
         metrics["provenance"] = provenance.describe()
+        metrics["deterministic"] = config.deterministic
         if teacher_cfg is not None:
             teacher_metrics = os.path.join(config.teacher, "metrics.json")
             metrics["teacher"] = config.teacher

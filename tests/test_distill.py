@@ -122,3 +122,55 @@ def test_callbacks_see_the_student_alone():
     assert logs["gradient_stability"] == pytest.approx(alone.gradient_stability(), rel=1e-5)
     for w, value in zip(teacher.non_trainable_weights, teacher_stats):
         np.testing.assert_array_equal(w.numpy(), value)
+
+
+MIRRORED_EVALUATION = """
+import json
+import reste_larq  # first: Keras 2
+import numpy as np
+import tensorflow as tf
+
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from reste_larq import training
+from reste_larq.distill import Distiller
+from tests.test_models import two_conv_net
+
+
+def distiller():
+    d = Distiller(two_conv_net("reste", False), two_conv_net("float", False), alpha=0.5)
+    d.compile(loss=training.sparse_cross_entropy(5), metrics=["accuracy"])
+    return d
+
+
+tf.keras.utils.set_random_seed(0)
+x = np.random.default_rng(0).standard_normal((16, 8, 8, 3)).astype("float32")
+data = tf.data.Dataset.from_tensor_slices((x, np.arange(16) % 5)).batch(8)
+one = distiller()
+with tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]).scope():
+    two = distiller()
+two.set_weights(one.get_weights())
+print(json.dumps([m.evaluate(data, verbose=0, return_dict=True)["loss"] for m in (one, two)]))
+"""
+
+
+@pytest.mark.slow  # a subprocess: logical devices must be set before TensorFlow starts
+def test_distiller_val_loss_is_the_same_on_two_replicas():
+    """Keras scales the compiled loss by 1 / replicas; test_step must undo it as
+    train_step does, or a distilled run's val_loss halves under --strategy mirrored."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run(
+        [sys.executable, "-c", MIRRORED_EVALUATION],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    one, two = json.loads(done.stdout.strip().splitlines()[-1])
+    assert two == pytest.approx(one, abs=1e-5)

@@ -36,7 +36,8 @@ def free_ports(n):
     return ports
 
 
-def start_workers(argv, logs, tmpdir):
+def start_workers(argv, logs, tmpdir, extra=((), ())):
+    """Two workers of one cluster on 127.0.0.1; worker i gets argv + extra[i]."""
     cluster = {"worker": [f"127.0.0.1:{p}" for p in free_ports(2)]}
     procs = []
     for i in range(2):
@@ -49,7 +50,7 @@ def start_workers(argv, logs, tmpdir):
         log = open(logs / f"worker{i}.log", "a")
         procs.append(
             subprocess.Popen(
-                [sys.executable, "-m", "train.cifar", *map(str, argv)],
+                [sys.executable, "-m", "train.cifar", *map(str, argv), *map(str, extra[i])],
                 cwd=ROOT,
                 env=env,
                 stdout=log,
@@ -161,3 +162,20 @@ def test_two_workers_one_run_folder_and_a_killed_worker_restarted_ends_as_uninte
         json.loads((results / "crashed" / "metrics.json").read_text())["test_top1"]
         == (json.loads((results / "straight" / "metrics.json").read_text())["test_top1"])
     )
+
+
+@pytest.mark.slow  # two TensorFlow processes, refused before training: ~30 s
+def test_a_refusal_on_one_worker_stops_both_with_the_same_line(data_dir, tmp_path):
+    """Worker 1 alone is given a --teacher that is not a run folder: it used to exit 2
+    while worker 0 waited in a collective until the coordination service killed it.
+    Now both exit 2 with the same one-line error, and nothing is written."""
+    results, tmpdir, logs = tmp_path / "results", tmp_path / "tmp", tmp_path / "logs"
+    tmpdir.mkdir()
+    logs.mkdir()
+    argv = run_argv(data_dir, results, "refused", 1, "--no-export")
+    procs = start_workers(argv, logs, tmpdir, extra=((), ("--teacher", tmp_path / "nothing")))
+    assert wait(procs, 300) == [2, 2]
+    last = [(logs / f"worker{i}.log").read_text().strip().splitlines()[-1] for i in range(2)]
+    assert last[0] == last[1], last
+    assert last[0].startswith("error: worker1 refused the run: --teacher: "), last[0]
+    assert not (results / "refused").exists()

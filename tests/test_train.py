@@ -396,36 +396,42 @@ def test_cli_subprocess_error_has_no_traceback(tmp_path):
 @pytest.mark.slow  # a subprocess tracing two replicas: a minute (default: the sync-BN flag test)
 def test_mirrored_strategy_on_two_logical_cpus(cifar_dir, tmp_path):
     """Two replicas train, and what the run reports is the model it saved: the test
-    top-1/top-5 in metrics.json are those of final.weights.h5 evaluated here."""
+    top-1/top-5 in metrics.json are those of final.weights.h5 evaluated here. With
+    --deterministic the same command gives the same weights twice."""
     from reste_larq import data, models
 
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "train.cifar",
-            "--data-dir",
-            cifar_dir,
-            "--results-dir",
-            str(tmp_path),
-            "--name",
-            "dist",
-            "--strategy",
-            "mirrored",
-            "--logical-cpus",
-            "2",
-            *QUICK,
-            "--no-export",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
+    digests = []
+    for name in ("dist", "again"):
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "train.cifar",
+                "--data-dir",
+                cifar_dir,
+                "--results-dir",
+                str(tmp_path),
+                "--name",
+                name,
+                "--strategy",
+                "mirrored",
+                "--logical-cpus",
+                "2",
+                "--deterministic",
+                *QUICK,
+                "--no-export",
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+        digests.append(read_metrics(str(tmp_path / name))["weights_sha256"])
+    assert digests[0] == digests[1]
     run = str(tmp_path / "dist")
     m = read_metrics(run)
-    assert m["args"]["strategy"] == "mirrored"
+    assert m["args"]["strategy"] == "mirrored" and m["deterministic"] is True
     assert [np.isfinite(float(r["loss"])) for r in history(run)] == [True]
 
     tf.keras.utils.set_random_seed(m["args"]["seed"])

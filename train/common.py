@@ -352,6 +352,12 @@ def parser(description, *, prog, models, datasets, defaults, model_defaults=None
         help="tf.distribute strategy; mirrored/multi_worker use synchronized BatchNorm",
     )
     g.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="tf.config.experimental.enable_op_determinism(): the same weights from the "
+        "same command on GPUs too (CPU kernels are deterministic already); slower on GPUs",
+    )
+    g.add_argument(
         "--logical-cpus",
         type=_positive_int,
         default=None,
