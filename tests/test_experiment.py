@@ -25,6 +25,7 @@ def readme_example():
     return block
 
 
+@pytest.mark.slow  # a 2-epoch run with export (~35 s); default-suite guards: test_train.py
 def test_readme_example_runs_exports_and_the_same_code_continues(tmp_path, monkeypatch, capsys):
     """The README's Python example, as written, on a small Fashion-MNIST made here
     (the dataset's default folder pointed at it)."""
