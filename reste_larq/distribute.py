@@ -15,7 +15,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from reste_larq.errors import RunError
+from reste_larq.errors import ConfigError, RunError
 
 
 def make_strategy(strategy: str = "default", logical_cpus: int | None = None):
@@ -34,6 +34,35 @@ def make_strategy(strategy: str = "default", logical_cpus: int | None = None):
     if strategy == "multi_worker":
         return tf.distribute.MultiWorkerMirroredStrategy()
     return tf.distribute.get_strategy()
+
+
+def make_deterministic():
+    """The same command gives the same weights bit for bit: op determinism (GPU
+    reductions, cuDNN) and one inter-op thread.
+
+    The inter-op thread is for CPUs. Measured here (TF 2.19.1, 2 cores): Bi-Real-18 at
+    224 px with coupled weight decay, the same batch and initial weights, ends a train
+    step with the stem kernel 1 ulp apart in 4 of 4 tries of four runs of four steps,
+    and the same with `enable_op_determinism()` alone; with one inter-op thread, 0 of 3
+    (`benchmarks/determinism.py`). A binary network turns such an ulp into flipped
+    signs and a different run within epochs. Ops still use every core inside
+    themselves (intra-op threads).
+
+    Both settings are process-wide; the thread count can only be set before TensorFlow
+    starts its runtime, so call this first (the CLIs do, for `--deterministic`)."""
+    tf.config.experimental.enable_op_determinism()
+    try:
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    except RuntimeError:
+        # Already running: fine if someone set it already, else say how to get it.
+        if tf.config.threading.get_inter_op_parallelism_threads() != 1:
+            raise ConfigError(
+                "deterministic training needs one inter-op thread, and TensorFlow's runtime "
+                "had already started with more: call "
+                "reste_larq.distribute.make_deterministic() (or "
+                "tf.config.threading.set_inter_op_parallelism_threads(1)) before any "
+                "TensorFlow op, or run the CLI with --deterministic in a fresh process"
+            ) from None
 
 
 def worker_task() -> tuple[bool, str]:

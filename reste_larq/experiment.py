@@ -416,11 +416,10 @@ class Experiment:
             return rundir.read_json(folder.file("metrics.json"))
         resume = verdict == rundir.RESUME
 
-        tf.keras.utils.set_random_seed(config.seed)
         if config.deterministic:
-            # Process-wide and one-way: every op from here on picks its deterministic
-            # kernel (GPU reductions, cuDNN), or raises where it has none.
-            tf.config.experimental.enable_op_determinism()
+            # Process-wide and one-way, before TensorFlow's runtime starts (see there).
+            distribute.make_deterministic()
+        tf.keras.utils.set_random_seed(config.seed)
         # Before any model is built: Keras layers take the global policy when made
         # (float16 compiles with dynamic loss scaling: Keras wraps the optimizer).
         tf.keras.mixed_precision.set_global_policy(PRECISION_POLICIES[config.mixed_precision])

@@ -4,7 +4,11 @@ SIGKILL this process at POINT, as a preempted machine would (no exception handle
 
 POINT: before_first_checkpoint (args.json written, epoch 1 begins), inside_epoch (after
 the 2nd batch of the 2nd epoch), between_checkpoint_and_state (the 2nd epoch's checkpoint
-saved, its state.json not yet), during_export (the LCE conversion begins).
+saved, its state.json not yet), third_epoch_begins, during_export (the LCE conversion
+begins), nowhere (the run as it is).
+
+KILL_AT_CLI=imagenet runs `train.imagenet` instead, and KILL_AT_MOCK_EXAMPLES=N inside
+`tfds.testing.mock_data(num_examples=N)`.
 """
 
 import os
@@ -13,7 +17,7 @@ import sys
 
 from reste_larq import callbacks as cb  # noqa: E402  (first: Keras 2 as tf.keras)
 from reste_larq import export, rundir
-from train import cifar
+from train import cifar, imagenet
 
 
 def die(*_, **__):
@@ -45,11 +49,26 @@ def main(point, argv):
             write_json(path, data)
 
         rundir.write_json = _write_json
+    elif point == "third_epoch_begins":
+        begin = cb.LearningRateSchedule.on_epoch_begin
+
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == 2:
+                die()
+            begin(self, epoch, logs)
+
+        cb.LearningRateSchedule.on_epoch_begin = on_epoch_begin
     elif point == "during_export":
         export.convert = die
-    else:
+    elif point != "nowhere":
         sys.exit(f"unknown point {point}")
-    return cifar.main(argv)
+    cli = {"cifar": cifar, "imagenet": imagenet}[os.environ.get("KILL_AT_CLI", "cifar")]
+    if os.environ.get("KILL_AT_MOCK_EXAMPLES"):
+        import tensorflow_datasets as tfds
+
+        with tfds.testing.mock_data(num_examples=int(os.environ["KILL_AT_MOCK_EXAMPLES"])):
+            return cli.main(argv)
+    return cli.main(argv)
 
 
 if __name__ == "__main__":

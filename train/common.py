@@ -354,8 +354,9 @@ def parser(description, *, prog, models, datasets, defaults, model_defaults=None
     g.add_argument(
         "--deterministic",
         action="store_true",
-        help="tf.config.experimental.enable_op_determinism(): the same weights from the "
-        "same command on GPUs too (CPU kernels are deterministic already); slower on GPUs",
+        help="the same weights from the same command, bit for bit: op determinism (GPU "
+        "kernels) and one inter-op thread (CPU: concurrent ops can leave a float conv's "
+        "gradient an ulp apart); slower on GPUs",
     )
     g.add_argument(
         "--logical-cpus",
