@@ -102,7 +102,8 @@ class RunConfig:
     # distribution
     strategy: str = "default"
     logical_cpus: int | None = None
-    deterministic: bool = False  # tf.config.experimental.enable_op_determinism()
+    deterministic: bool = False  # distribute.make_deterministic()
+    barrier_timeout: float = 7200.0  # s a worker waits for the others at a barrier
 
     # ------------------------------------------------------------------ derived
     def resolved(self) -> RunConfig:

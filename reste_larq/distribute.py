@@ -80,21 +80,38 @@ def worker_task() -> tuple[bool, str]:
     return chief, f"{kind}{index}"
 
 
-def sum_over_workers(strategy, value):
-    """All-reduce (sum) a small tensor over every replica: a barrier that carries data."""
+BARRIER_TIMEOUT = 7200.0  # s: the chief's final evaluation and export fit in it
+
+
+class BarrierTimeout(RunError):
+    """A worker did not reach a barrier in time (it failed, hangs or was killed)."""
+
+
+def sum_over_workers(strategy, value, timeout: float | None = None):
+    """All-reduce (sum) a small tensor over every replica: a barrier that carries data.
+    With `timeout` (seconds) a worker that does not arrive in time raises
+    BarrierTimeout here instead of leaving this one waiting for ever."""
 
     # Each local replica brings value / (its worker's replicas): the sum is over workers.
     local = len(getattr(strategy.extended, "worker_devices", ())) or 1
+    options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=timeout)
 
     @tf.function
     def reduce():
         def replica_fn():
             context = tf.distribute.get_replica_context()
-            return context.all_reduce(tf.distribute.ReduceOp.SUM, tf.identity(value) / local)
+            return context.all_reduce(
+                tf.distribute.ReduceOp.SUM, tf.identity(value) / local, options=options
+            )
 
         return strategy.run(replica_fn)
 
-    return strategy.experimental_local_results(reduce())[0].numpy()
+    try:
+        return strategy.experimental_local_results(reduce())[0].numpy()
+    except tf.errors.DeadlineExceededError:
+        raise BarrierTimeout(f"did not reach {{}} within {timeout:g} s") from None
+    except tf.errors.UnavailableError:  # its process is gone: its port refuses
+        raise BarrierTimeout("left before {} (its process is gone)") from None
 
 
 MESSAGE_BYTES = 600  # of a refusal's one line, shared with every worker
@@ -107,31 +124,80 @@ def cluster_tasks() -> list[str]:
     return [f"{kind}{i}" for kind in ("chief", "worker") for i in range(len(cluster.get(kind, [])))]
 
 
-def workers_agree(strategy, error: Exception | None, resume: bool):
+def _exchange(strategy, code: int, message: str, codes: int, timeout):
+    """Every task brings a code in [0, codes) and a line; every task gets all of them,
+    as [(task, code, line)] in cluster order. Bytes travel as floats: exact, and summed
+    over tasks they never overlap (one row each)."""
+    tasks = cluster_tasks() or ["chief0"]
+    slot = tasks.index(worker_task()[1]) if len(tasks) > 1 else 0
+    shared = np.zeros((len(tasks), codes + MESSAGE_BYTES), np.float32)
+    shared[slot, code] = 1.0
+    line = message.encode()[:MESSAGE_BYTES]
+    shared[slot, codes : codes + len(line)] = np.frombuffer(line, np.uint8)
+    total = np.rint(sum_over_workers(strategy, tf.constant(shared), timeout)).astype(np.int64)
+    out = []
+    for i, task in enumerate(tasks):
+        row = total[i, codes:]
+        text = bytes(row[: int(np.argmin(row)) if 0 in row else len(row)].astype(np.uint8))
+        out.append((task, int(np.argmax(total[i, :codes])), text.decode(errors="replace")))
+    return out
+
+
+def workers_agree(strategy, error: Exception | None, resume: bool, timeout=BARRIER_TIMEOUT):
     """A barrier before anything is written: every worker brings its verdict on the run
     (refuse, start, resume) and, if it refuses, its one-line reason. All go on only if
     all verdicts are the same; if any worker refused, every worker raises the same
     RunError, naming the first refusing task and its reason (so all exit 2 with the same
     line instead of waiting for a worker that left)."""
-    tasks = cluster_tasks() or ["chief0"]
-    slot = tasks.index(worker_task()[1]) if len(tasks) > 1 else 0
     verdict = 0 if error else 1 + int(resume)  # refuse, start, resume
-    shared = np.zeros((len(tasks), 3 + MESSAGE_BYTES), np.float32)
-    shared[slot, verdict] = 1.0
-    if error:
-        reason = str(error).encode()[:MESSAGE_BYTES]
-        shared[slot, 3 : 3 + len(reason)] = np.frombuffer(reason, np.uint8)
-    # bytes as floats: exact, and summed over tasks they never overlap (one row each)
-    total = np.rint(sum_over_workers(strategy, tf.constant(shared))).astype(np.int64)
-    refusing = [i for i in range(len(tasks)) if total[i, 0]]
+    try:
+        verdicts = _exchange(strategy, verdict, str(error or ""), 3, timeout)
+    except BarrierTimeout as lost:
+        if error:
+            raise error from None
+        raise BarrierTimeout(
+            "a worker " + str(lost).format("the start-of-run barrier") + ": start every "
+            "worker of TF_CONFIG's cluster with the same command"
+        ) from None
+    refusing = [(task, line) for task, code, line in verdicts if code == 0]
     if refusing:
-        row = total[refusing[0], 3:]
-        reason = bytes(row[: int(np.argmin(row)) if 0 in row else len(row)].astype(np.uint8))
-        raise RunError(f"{tasks[refusing[0]]} refused the run: {reason.decode(errors='replace')}")
-    if len({int(np.argmax(total[i, :3])) for i in range(len(tasks))}) > 1:
+        raise RunError(f"{refusing[0][0]} refused the run: {refusing[0][1]}")
+    if len({code for _, code, _ in verdicts}) > 1:
         raise RunError(
             "the workers disagree on the run folder (start or resume: they see different "
             "files); every worker must see the same --results-dir on a shared file system"
+        )
+
+
+def finish_together(strategy, error: Exception | None, timeout=BARRIER_TIMEOUT):
+    """The end-of-run barrier. The chief arrives after its evaluation and export, or
+    after they failed (`error`), and says which; the other workers arrive when training
+    ends and wait (at most `timeout` s) for it. A chief that failed makes every other
+    worker raise a RunError naming it and its error; a chief that never arrives (killed,
+    hung) makes them raise BarrierTimeout naming it, instead of waiting for ever.
+    The chief itself re-raises its own error after telling the others."""
+    chief = (cluster_tasks() or ["chief0"])[0]
+    try:
+        verdicts = _exchange(
+            strategy,
+            1 if error else 0,
+            f"{type(error).__name__}: {error}" if error else "",
+            2,
+            timeout,
+        )
+    except BarrierTimeout as lost:
+        if error:
+            raise error
+        raise BarrierTimeout(
+            f"{chief} " + str(lost).format("the end-of-run barrier") + ": it failed, hangs or "
+            "was killed during evaluation or export (see its log)"
+        ) from None
+    if error:
+        raise error
+    failed = [(task, line) for task, code, line in verdicts if code == 1]
+    if failed:
+        raise RunError(
+            f"{failed[0][0]} failed after training, in evaluation or export: {failed[0][1]}"
         )
 
 

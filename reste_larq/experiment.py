@@ -155,6 +155,8 @@ def check(config: RunConfig):
     """Every value check that needs no file: raises before anything is written."""
     if config.o_end < 1:
         raise ConfigError(f"--o-end must be >= 1 (got {config.o_end})")
+    if not config.barrier_timeout > 0:  # also NaN
+        raise ConfigError(f"--barrier-timeout must be > 0 s (got {config.barrier_timeout})")
     if config.warmup < 0 or (config.warmup and config.warmup >= config.epochs):
         raise ConfigError(f"--warmup must be in [0, epochs) (got {config.warmup})")
     if config.label_smoothing >= 1:
@@ -432,7 +434,7 @@ class Experiment:
                     raise
                 refusal = error
         if multi_worker:
-            distribute.workers_agree(strategy, refusal, resume)
+            distribute.workers_agree(strategy, refusal, resume, config.barrier_timeout)
         chief, task = (
             distribute.worker_task() if config.strategy == "multi_worker" else (True, "chief0")
         )
@@ -554,11 +556,29 @@ class Experiment:
         if config.strategy == "multi_worker":  # every worker prints it: equal means in step
             print(f"final weights sha256: {digest}", flush=True)
         if not chief:
-            # The chief evaluates, exports and writes metrics.json. Wait for it: a worker
-            # that exits first fails the chief's coordination service (heartbeat timeout).
+            # The chief evaluates, exports and writes metrics.json. Wait for it (a worker
+            # that exits first fails the chief's coordination service), but not for ever,
+            # and fail with it if it fails.
             if config.strategy == "multi_worker":
-                distribute.sum_over_workers(strategy, tf.ones([1]))
+                distribute.finish_together(strategy, None, config.barrier_timeout)
             return {}
+        try:
+            metrics = self._finish(
+                folder, out, teacher_cfg, student, data, schedule, best, train_seconds, digest
+            )
+        except Exception as error:
+            if config.strategy == "multi_worker":  # tell the other workers, then raise
+                distribute.finish_together(strategy, error, config.barrier_timeout)
+            raise
+        if config.strategy == "multi_worker":  # release the other workers
+            distribute.finish_together(strategy, None, config.barrier_timeout)
+        return metrics
+
+    def _finish(
+        self, folder, out, teacher_cfg, student, data, schedule, best, train_seconds, digest
+    ):
+        """The chief's evaluation, export and metrics.json."""
+        config = self.config
         metrics = final_metrics(config, student, data, schedule)
         metrics.update(best)
         metrics["per_epoch"] = per_epoch(out.file("history.csv"))
@@ -579,8 +599,6 @@ class Experiment:
             metrics.update(export_packed(student, folder.path))
         folder.write_metrics(metrics)
         print(json.dumps({k: metrics[k] for k in metrics if k != "args"}, indent=1), flush=True)
-        if config.strategy == "multi_worker":
-            distribute.sum_over_workers(strategy, tf.ones([1]))  # release the other workers
         return metrics
 
     def _init_from(self, student, data, init_checkpoint):

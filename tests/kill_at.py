@@ -5,7 +5,9 @@ SIGKILL this process at POINT, as a preempted machine would (no exception handle
 POINT: before_first_checkpoint (args.json written, epoch 1 begins), inside_epoch (after
 the 2nd batch of the 2nd epoch), between_checkpoint_and_state (the 2nd epoch's checkpoint
 saved, its state.json not yet), third_epoch_begins, during_export (the LCE conversion
-begins), nowhere (the run as it is).
+begins), export_raises (the conversion raises
+RuntimeError), export_hangs (it sleeps 10 minutes), nowhere (the run as it
+is).
 
 KILL_AT_CLI=imagenet runs `train.imagenet` instead, and KILL_AT_MOCK_EXAMPLES=N inside
 `tfds.testing.mock_data(num_examples=N)`.
@@ -60,6 +62,20 @@ def main(point, argv):
         cb.LearningRateSchedule.on_epoch_begin = on_epoch_begin
     elif point == "during_export":
         export.convert = die
+    elif point == "export_hangs":
+
+        def convert(*_, **__):
+            import time
+
+            time.sleep(600)
+
+        export.convert = convert
+    elif point == "export_raises":
+
+        def convert(*_, **__):
+            raise RuntimeError("simulated export failure")
+
+        export.convert = convert
     elif point != "nowhere":
         sys.exit(f"unknown point {point}")
     cli = {"cifar": cifar, "imagenet": imagenet}[os.environ.get("KILL_AT_CLI", "cifar")]

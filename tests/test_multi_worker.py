@@ -36,8 +36,9 @@ def free_ports(n):
     return ports
 
 
-def start_workers(argv, logs, tmpdir, extra=((), ())):
-    """Two workers of one cluster on 127.0.0.1; worker i gets argv + extra[i]."""
+def start_workers(argv, logs, tmpdir, extra=((), ()), commands=(("train.cifar",),) * 2):
+    """Two workers of one cluster on 127.0.0.1; worker i runs `python -m commands[i]`
+    with argv + extra[i]."""
     cluster = {"worker": [f"127.0.0.1:{p}" for p in free_ports(2)]}
     procs = []
     for i in range(2):
@@ -50,7 +51,7 @@ def start_workers(argv, logs, tmpdir, extra=((), ())):
         log = open(logs / f"worker{i}.log", "a")
         procs.append(
             subprocess.Popen(
-                [sys.executable, "-m", "train.cifar", *map(str, argv), *map(str, extra[i])],
+                [sys.executable, "-m", *commands[i], *map(str, argv), *map(str, extra[i])],
                 cwd=ROOT,
                 env=env,
                 stdout=log,
@@ -179,3 +180,68 @@ def test_a_refusal_on_one_worker_stops_both_with_the_same_line(data_dir, tmp_pat
     assert last[0] == last[1], last
     assert last[0].startswith("error: worker1 refused the run: --teacher: "), last[0]
     assert not (results / "refused").exists()
+
+
+def last_lines(logs):
+    return [(logs / f"worker{i}.log").read_text().strip().splitlines()[-1] for i in range(2)]
+
+
+@pytest.mark.slow  # one two-worker run of one epoch: about a minute
+def test_a_chief_that_fails_in_export_stops_the_other_worker_with_its_error(data_dir, tmp_path):
+    """The chief's export raises after training: it used to leave worker 1 waiting in
+    the final all-reduce. Now the chief tells the others before it raises: worker 1
+    exits 2 at once with a line naming the chief and its error."""
+    results, tmpdir, logs = tmp_path / "results", tmp_path / "tmp", tmp_path / "logs"
+    tmpdir.mkdir()
+    logs.mkdir()
+    argv = run_argv(data_dir, results, "export_fails", 1, "--export-eval-limit", "8")
+    chief = ("tests.kill_at", "export_raises")
+    procs = start_workers(argv, logs, tmpdir, commands=(chief, ("train.cifar",)))
+    codes = wait(procs, 300)
+    assert codes == [1, 2], (codes, last_lines(logs))
+    assert "RuntimeError: simulated export failure" in last_lines(logs)[0]
+    assert last_lines(logs)[1] == (
+        "error: worker0 failed after training, in evaluation or export: "
+        "RuntimeError: simulated export failure"
+    )
+    assert not (results / "export_fails" / "metrics.json").exists()
+
+
+@pytest.mark.slow  # one two-worker run of one epoch, then the timeout: about a minute
+@pytest.mark.parametrize(
+    "point, says",
+    [
+        ("during_export", "left before the end-of-run barrier (its process is gone)"),
+        ("export_hangs", "did not reach the end-of-run barrier within 20 s"),
+    ],
+)
+def test_a_chief_killed_or_hung_in_export_stops_the_other_worker_in_time(
+    data_dir, tmp_path, point, says
+):
+    """The chief is killed (SIGKILL) or hangs as its export begins: nothing can tell
+    the other worker, which stops, within --barrier-timeout, with a line naming the
+    chief (it used to wait in the final all-reduce for ever)."""
+    results, tmpdir, logs = tmp_path / "results", tmp_path / "tmp", tmp_path / "logs"
+    tmpdir.mkdir()
+    logs.mkdir()
+    argv = run_argv(data_dir, results, "chief_lost", 1, "--barrier-timeout", "20")
+    procs = start_workers(argv, logs, tmpdir, commands=(("tests.kill_at", point), ("train.cifar",)))
+    arrived = None  # when worker 1 printed its digest, just before the final barrier
+    try:
+        deadline = time.time() + 300
+        while procs[1].poll() is None and time.time() < deadline:
+            if arrived is None and DIGEST in (logs / "worker1.log").read_text():
+                arrived = time.time()
+            time.sleep(0.5)
+        code = procs[1].wait(1)
+        left = time.time()
+    finally:
+        procs[0].kill()
+        procs[0].wait()
+        procs[1].kill()
+    assert code != 0 and arrived is not None, last_lines(logs)
+    assert left - arrived < 20 + 30  # the timeout and process exit, not for ever
+    assert last_lines(logs)[1] == (
+        f"error: worker0 {says}: it failed, hangs or was killed during evaluation or "
+        "export (see its log)"
+    )

@@ -359,6 +359,14 @@ def parser(description, *, prog, models, datasets, defaults, model_defaults=None
         "gradient an ulp apart); slower on GPUs",
     )
     g.add_argument(
+        "--barrier-timeout",
+        type=_positive_float,
+        default=7200.0,
+        help="multi_worker: seconds a worker waits for the others at the start-of-run and "
+        "end-of-run barriers (the chief's final evaluation and export must fit) before it "
+        "stops naming the worker that did not arrive",
+    )
+    g.add_argument(
         "--logical-cpus",
         type=_positive_int,
         default=None,
