@@ -602,6 +602,27 @@ def _normalize01(image, ds):
     return (image - tf.constant(ds.mean)) / tf.constant(ds.std)
 
 
+def _count(data, data_dir) -> int:
+    n = int(data.cardinality())
+    if n <= 0:
+        raise DataNotFoundError(
+            f"imagenet2012 (train) in {data_dir or 'TFDS'} has no examples or an unknown count"
+        )
+    return n
+
+
+def imagenet_train_count(data_dir, *, download=False, limit=None) -> int:
+    """The number of training images `imagenet_train_dataset` reads."""
+    return _count(_load_imagenet("train", data_dir, download, limit), data_dir)
+
+
+def sharded_steps(n: int, batch_size: int) -> int:
+    """Steps per epoch of an input sharded over workers: whole global batches only."""
+    if n < batch_size:
+        raise ConfigError(f"{n} training images make no whole batch of {batch_size}")
+    return n // batch_size
+
+
 def imagenet_train_dataset(
     data_dir: str | None,
     batch_size: int,
@@ -614,6 +635,7 @@ def imagenet_train_dataset(
     shuffle_buffer: int = IMAGENET_SHUFFLE_BUFFER,
     color_jitter: bool = False,
     lighting: bool = False,
+    input_context: tf.distribute.InputContext | None = None,
 ) -> tuple[tf.data.Dataset, int]:
     """(batches of epochs [first_epoch, epochs), steps per epoch) of ImageNet's train
     split from TFDS (prepared in data_dir).
@@ -622,15 +644,28 @@ def imagenet_train_dataset(
     and its crops, flips, jitter and lighting (stateless, seeded by (seed, e, position))
     depend only on (seed, e): a resumed run sees the batches an uninterrupted one sees.
     JPEGs are decoded after the shuffle, and only their crop window.
+
+    With an `input_context` of several input pipelines (the workers of a multi-worker
+    run, `tf.distribute.Strategy.distribute_datasets_from_function`), each pipeline
+    keeps every N-th position of the same shuffled epoch *before* decoding, and batches
+    them by the per-replica batch: step k's batches across all replicas are global
+    positions [k·B, (k+1)·B), the images one device would see in its batch k, and each
+    JPEG is decoded by one worker only. The epoch is cut to whole global batches there
+    (at most B - 1 images fewer), so every replica takes the same number of steps.
     """
     ds = info("imagenet2012")
     data = _load_imagenet("train", data_dir, download, limit)
-    n = int(data.cardinality())
-    if n <= 0:
-        raise DataNotFoundError(
-            f"imagenet2012 (train) in {data_dir or 'TFDS'} has no examples or an unknown count"
-        )
+    n = _count(data, data_dir)
     seed = tf.cast(seed, tf.int64)
+    pipelines = input_context.num_input_pipelines if input_context else 1
+    if pipelines > 1:
+        replicas = input_context.num_replicas_in_sync
+        if batch_size % replicas:
+            raise ConfigError(
+                f"batch size {batch_size} is not a multiple of the {replicas} replicas"
+            )
+        steps = sharded_steps(n, batch_size)
+        per_replica = input_context.get_per_replica_batch_size(batch_size)
 
     def one_epoch(epoch):
         epoch_seed = seed * 1000003 + epoch
@@ -639,26 +674,32 @@ def imagenet_train_dataset(
         # a function of (seed, epoch) alone. (With the graph seed left to a global seed
         # of 0, Dataset.shuffle cannot take a tensor seed at all.)
         tf.random.set_seed(1)
-        return (
-            data.shuffle(shuffle_buffer, seed=epoch_seed, reshuffle_each_iteration=False)
-            .enumerate()
-            .map(
-                lambda i, example: (
-                    _normalize01(
-                        _imagenet_train_image(
-                            example[0], tf.stack([epoch_seed, i]), color_jitter, lighting
-                        ),
-                        ds,
-                    ),
-                    example[1],
-                ),
-                num_parallel_calls=tf.data.AUTOTUNE,
-                deterministic=True,
+        positions = data.shuffle(
+            shuffle_buffer, seed=epoch_seed, reshuffle_each_iteration=False
+        ).enumerate()
+        if pipelines > 1:  # this worker's share, still encoded
+            positions = positions.take(steps * batch_size).shard(
+                pipelines, input_context.input_pipeline_id
             )
-            .batch(batch_size)
-        )
+        return positions.map(
+            lambda i, example: (
+                _normalize01(
+                    _imagenet_train_image(
+                        example[0], tf.stack([epoch_seed, i]), color_jitter, lighting
+                    ),
+                    ds,
+                ),
+                example[1],
+            ),
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True,
+        ).batch(per_replica if pipelines > 1 else batch_size, drop_remainder=pipelines > 1)
 
     train = tf.data.Dataset.range(first_epoch, epochs).flat_map(one_epoch)
+    if pipelines > 1:
+        options = tf.data.Options()  # sharded here: no second sharding by tf.distribute
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+        return train.prefetch(tf.data.AUTOTUNE).with_options(options), steps
     return train.prefetch(tf.data.AUTOTUNE), -(-n // batch_size)
 
 

@@ -117,7 +117,7 @@ def imagenet_data(config: RunConfig, train: bool = True) -> Data:
     if not train:
         return Data(info.num_classes, info.image_shape, eval_ds, source=source)
 
-    def make_train(first_epoch):
+    def train_dataset(first_epoch, input_context=None):
         return data_lib.imagenet_train_dataset(
             config.data_dir,
             config.batch_size,
@@ -129,16 +129,33 @@ def imagenet_data(config: RunConfig, train: bool = True) -> Data:
             shuffle_buffer=config.shuffle_buffer,
             color_jitter=config.color_jitter,
             lighting=config.lighting,
+            input_context=input_context,
         )
 
-    make_train(0)  # a missing or empty train split fails here, before anything is written
+    def make_train(first_epoch):
+        if config.strategy != "multi_worker":
+            return train_dataset(first_epoch)
+        # Each worker reads and decodes its own share of every epoch (see
+        # imagenet_train_dataset); Keras' own distribution would shard the decoded
+        # images instead (AUTO falls back to DATA behind the epochs' flat_map): every
+        # worker would decode the whole epoch and keep its share.
+        n = data_lib.imagenet_train_count(
+            config.data_dir, download=config.download, limit=config.train_limit
+        )
+        steps = data_lib.sharded_steps(n, config.batch_size)
+        creator = tf.keras.utils.experimental.DatasetCreator(
+            lambda input_context: train_dataset(first_epoch, input_context)[0]
+        )
+        return creator, steps
+
+    train_dataset(0)  # a missing or empty train split fails here, before anything is written
     return Data(
         info.num_classes,
         info.image_shape,
         eval_ds,
         make_train,
         # only indicators pull a batch (the first of epoch 0)
-        lambda: next(iter(make_train(0)[0])),
+        lambda: next(iter(train_dataset(0)[0])),
         source=source,
     )
 
@@ -340,6 +357,7 @@ def final_metrics(config: RunConfig, model, data: Data, schedule) -> dict:
         "data_source": data.source,
         **({"o_final": schedule.o_at(config.epochs - 1)} if config.quantizer == "reste" else {}),
         **({"mu_final": schedule.mu_at(config.epochs - 1)} if config.quantizer == "bnnpp" else {}),
+        **({"tau_final": schedule.tau_at(config.epochs - 1)} if config.quantizer == "recu" else {}),
         "finished": datetime.datetime.now().isoformat(timespec="seconds"),
         "args": config.to_json(),
     }

@@ -5,9 +5,9 @@ SIGKILL this process at POINT, as a preempted machine would (no exception handle
 POINT: before_first_checkpoint (args.json written, epoch 1 begins), inside_epoch (after
 the 2nd batch of the 2nd epoch), between_checkpoint_and_state (the 2nd epoch's checkpoint
 saved, its state.json not yet), third_epoch_begins, during_export (the LCE conversion
-begins), export_raises (the conversion raises
-RuntimeError), export_hangs (it sleeps 10 minutes), nowhere (the run as it
-is).
+begins), export_raises (the conversion raises RuntimeError), export_hangs (it sleeps 10
+minutes), count_decodes (KILL_AT_DECODE_LOG.PID gets a line per ImageNet image decoded),
+nowhere (the run as it is).
 
 KILL_AT_CLI=imagenet runs `train.imagenet` instead, and KILL_AT_MOCK_EXAMPLES=N inside
 `tfds.testing.mock_data(num_examples=N)`.
@@ -24,6 +24,28 @@ from train import cifar, imagenet
 
 def die(*_, **__):
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def count_decodes(prefix):
+    """Append "epoch position" to prefix.PID for every ImageNet training image decoded."""
+    import tensorflow as tf
+
+    from reste_larq import data
+
+    decode = data._imagenet_train_image
+    path = f"{prefix}.{os.getpid()}"
+
+    def log(seed):
+        with open(path, "a") as f:
+            f.write(f"{seed[0].numpy() % 1000003} {seed[1].numpy()}\n")
+        return 0
+
+    def counted(encoded, seed, *args):
+        logged = tf.py_function(log, [seed], tf.int32)
+        with tf.control_dependencies([logged]):
+            return tf.identity(decode(encoded, seed, *args))
+
+    data._imagenet_train_image = counted
 
 
 def main(point, argv):
@@ -76,6 +98,8 @@ def main(point, argv):
             raise RuntimeError("simulated export failure")
 
         export.convert = convert
+    elif point == "count_decodes":
+        count_decodes(os.environ["KILL_AT_DECODE_LOG"])
     elif point != "nowhere":
         sys.exit(f"unknown point {point}")
     cli = {"cifar": cifar, "imagenet": imagenet}[os.environ.get("KILL_AT_CLI", "cifar")]

@@ -9,10 +9,12 @@ import sys
 import textwrap
 
 import numpy as np
+import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from reste_larq import data
+from reste_larq.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -190,3 +192,51 @@ def test_shuffle_buffer_holds_compressed_images_not_decoded_ones():
     decoded = side * (side * 4 // 3) * 3
     assert 20_000 < b["jpeg"] < 0.4 * decoded  # the JPEGs are realistic and compressed
     assert per_example < 2.5 * b["jpeg"] and per_example < 0.5 * decoded, (per_example, b)
+
+
+def test_two_workers_split_each_epoch_into_the_single_device_batches():
+    """Sharded by worker before decoding: across the workers, step k holds the images
+    of one device's batch k (same crops: seeded by global position), each image on one
+    worker only; the epoch is cut to whole global batches (10 images, batch 4: 2 steps)."""
+    with tfds.testing.mock_data(num_examples=10):
+        single, single_steps = data.imagenet_train_dataset(None, 4, seed=5, first_epoch=0, epochs=2)
+        single = batches(single)
+        workers = []
+        for i in range(2):
+            context = tf.distribute.InputContext(2, i, 2)
+            ds, steps = data.imagenet_train_dataset(
+                None, 4, seed=5, first_epoch=0, epochs=2, input_context=context
+            )
+            workers.append(batches(ds))
+            assert steps == 2 and single_steps == 3
+    assert [len(w) for w in workers] == [4, 4]  # 2 epochs x 2 steps, 2 images each
+    for epoch in range(2):
+        for k in range(2):
+            mine = np.concatenate([w[epoch * 2 + k][0] for w in workers])
+            one_device = single[epoch * 3 + k][0]
+            assert mine.shape == one_device.shape == (4, 224, 224, 3)
+            # the same four images (each worker's in its own order within the step)
+            as_set = sorted(x.tobytes() for x in mine)
+            assert as_set == sorted(x.tobytes() for x in one_device)
+
+
+def test_a_batch_the_replicas_cannot_split_is_a_clear_error():
+    with tfds.testing.mock_data(num_examples=10):
+        with pytest.raises(ConfigError, match="batch size 5 is not a multiple of the 2 replicas"):
+            data.imagenet_train_dataset(
+                None,
+                5,
+                seed=5,
+                first_epoch=0,
+                epochs=1,
+                input_context=tf.distribute.InputContext(2, 0, 2),
+            )
+        with pytest.raises(ConfigError, match="10 training images make no whole batch of 12"):
+            data.imagenet_train_dataset(
+                None,
+                12,
+                seed=5,
+                first_epoch=0,
+                epochs=1,
+                input_context=tf.distribute.InputContext(2, 0, 2),
+            )

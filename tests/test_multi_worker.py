@@ -245,3 +245,33 @@ def test_a_chief_killed_or_hung_in_export_stops_the_other_worker_in_time(
         f"error: worker0 {says}: it failed, hangs or was killed during evaluation or "
         "export (see its log)"
     )
+
+
+@pytest.mark.slow  # one two-worker ImageNet (mock data) run of one epoch: about a minute
+def test_two_imagenet_workers_each_decode_half_of_every_epoch(tmp_path, monkeypatch):
+    """Each worker reads its share of the shuffled epoch before decoding: of 8 mock
+    images (batch 4, 2 steps), each decodes 4, and the two shares are the epoch. (Keras'
+    own sharding kept the decoded images instead: each worker decoded all 8.)"""
+    results, tmpdir, logs = tmp_path / "results", tmp_path / "tmp", tmp_path / "logs"
+    tmpdir.mkdir()
+    logs.mkdir()
+    monkeypatch.setenv("KILL_AT_CLI", "imagenet")
+    monkeypatch.setenv("KILL_AT_MOCK_EXAMPLES", "8")
+    monkeypatch.setenv("KILL_AT_DECODE_LOG", str(tmp_path / "decoded"))
+    argv = [
+        "--strategy", "multi_worker", "--model", "birealnet18", "--epochs", "1",
+        "-b", "4", "--batch-size-test", "2", "--test-limit", "2", "--no-download",
+        "--no-export", "--results-dir", results, "--name", "sharded", "--verbose", "2",
+    ]  # fmt: skip
+    command = ("tests.kill_at", "count_decodes")
+    procs = start_workers(argv, logs, tmpdir, commands=(command, command))
+    assert wait(procs, 400) == [0, 0], last_lines(logs)
+    shares = [
+        [tuple(map(int, line.split())) for line in path.read_text().splitlines()]
+        for path in sorted(tmp_path.glob("decoded.*"))
+    ]
+    assert len(shares) == 2
+    assert [len(s) for s in shares] == [4, 4], shares
+    assert sorted(shares[0] + shares[1]) == [(0, i) for i in range(8)]
+    assert digests(logs)[0] == digests(logs)[1]
+    assert json.loads((results / "sharded" / "metrics.json").read_text())["epochs"] == 1
