@@ -29,7 +29,9 @@ from reste_larq.errors import ConfigError
 from reste_larq.quantizers import (
     BNNpp,
     MeanAbsScaled,
+    ReCU,
     ReSTE,
+    recu_tau_at,
     reste_equivalent_forward,
     scheduled_quantizers,
 )
@@ -55,7 +57,8 @@ def trained_model(model: tf.keras.Model) -> tf.keras.Model:
 
 
 class EstimatorSchedule(tf.keras.callbacks.Callback):
-    r"""Sets ReSTE's o and BNN++'s mu of every such quantizer at each epoch's start.
+    r"""Sets ReSTE's o, BNN++'s mu and ReCU's tau of every such quantizer at each
+    epoch's start.
 
     o(e) = 1 + (o_end - 1)(1 - cos(pi/2 * e/E)), the reference's schedule (o_end = 3).
     mu(e) = mu_start + (mu_end - mu_start)(1 - cos(pi/2 * e/E)), default 20 -> 200: our
@@ -66,7 +69,11 @@ class EstimatorSchedule(tf.keras.callbacks.Callback):
     valued weights), starting at 20 tested like STE (README, Results). The derivative
     peaks at mu, which on the kernels only scales the step of near-zero weights.
 
-    The values are logged as `o` and `mu` (CSV, TensorBoard) when the model has them.
+    tau(e) = A e^(e/E) + B from tau_min 0.85 to tau_max 0.99, ReCU's code and defaults
+    (`reste_larq.quantizers.recu_tau_at`).
+
+    The values are logged as `o`, `mu` and `tau` (CSV, TensorBoard) when the model has
+    them.
     """
 
     def __init__(
@@ -75,8 +82,15 @@ class EstimatorSchedule(tf.keras.callbacks.Callback):
         o_end: float = 3.0,
         mu_start: float = 20.0,
         mu_end: float = 200.0,
+        tau_min: float = 0.85,
+        tau_max: float = 0.99,
     ):
         super().__init__()
+        if not 0.5 < tau_min <= tau_max < 1.0:
+            raise ConfigError(
+                f"ReCU's tau needs 0.5 < tau_min <= tau_max < 1 (got {tau_min}, {tau_max})"
+            )
+        self.tau_min, self.tau_max = tau_min, tau_max
         if epochs <= 0:
             raise ConfigError(f"epochs must be > 0 (got {epochs})")
         if o_end < 1.0:
@@ -95,6 +109,9 @@ class EstimatorSchedule(tf.keras.callbacks.Callback):
     def mu_at(self, epoch: int) -> float:
         return cosine_ramp(epoch, self.epochs, self.mu_start, self.mu_end)
 
+    def tau_at(self, epoch: int) -> float:
+        return recu_tau_at(epoch, self.epochs, self.tau_min, self.tau_max)
+
     def apply(self, model: tf.keras.Model, epoch: int) -> dict[str, float]:
         """Set the values for `epoch` on `model`; returns what was set."""
         values = {}
@@ -102,6 +119,8 @@ class EstimatorSchedule(tf.keras.callbacks.Callback):
             q.o = values["o"] = self.o_at(epoch)
         for q in scheduled_quantizers(model, BNNpp):
             q.mu = values["mu"] = self.mu_at(epoch)
+        for q in scheduled_quantizers(model, ReCU):
+            q.tau = values["tau"] = self.tau_at(epoch)
         return values
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -117,6 +136,8 @@ class EstimatorSchedule(tf.keras.callbacks.Callback):
             "o_end": self.o_end,
             "mu_start": self.mu_start,
             "mu_end": self.mu_end,
+            "tau_min": self.tau_min,
+            "tau_max": self.tau_max,
         }
 
 

@@ -14,6 +14,10 @@ and differs only in the pseudo-gradient used while training.
 | `bnn+` (`bnn_plus`)          | sign                      | SignSwish derivative              |
 | `approx_sign` (Larq)         | sign                      | 2 - 2 abs(x) on abs(x) <= 1       |
 | `magnitude_aware_sign` (Larq)| mean abs(w) per channel * sign | STE                          |
+| `recu` (`ReCU`), weights     | sign(clamp(standardized w)) | identity, through the clamp     |
+| `recu_activation`            | sign (normalized per sample) | 2 - 2 abs(x) on abs(x) <= 1    |
+| `biper` (`BiPer`), weights   | sign(sin(omega w))        | omega cos(omega w)                |
+| `biper_stage1`, weights      | sin(omega w) (real)       | omega cos(omega w)                |
 
 ```python
 import larq as lq
@@ -44,17 +48,27 @@ from reste_larq.errors import ConfigError
 __all__ = [
     "ESTIMATORS",
     "BinaryConnect",
+    "BiPer",
+    "BiPerStage1",
+    "ReCU",
+    "ReCUActivation",
     "BNNpp",
     "BNNPlus",
     "MeanAbsScaled",
     "ReSTE",
     "WrnSign",
     "binary_connect_sign",
+    "biper_regularizer",
+    "biper_weight",
     "bnnpp_sign",
     "estimator_quantizers",
     "estimators",
     "reste_equivalent_forward",
     "reste_gradient",
+    "recu_activation_sign",
+    "recu_standardize",
+    "recu_tau_at",
+    "recu_weight",
     "reste_sign",
     "signswish",
     "signswish_gradient",
@@ -429,15 +443,15 @@ class MeanAbsScaled(_BaseQuantizer):
     ```
     """
 
-    precision = 1
-
     def __init__(self, quantizer="reste", **kwargs):
         super().__init__(**kwargs)
         self.quantizer = lq.quantizers.get(quantizer)
+        # BiPer's real-valued stage 1 too: its stage 2, from the same weights, is binary
         _check(
-            getattr(self.quantizer, "precision", None) == 1,
+            getattr(self.quantizer, "precision", None) == 1 or isinstance(self.quantizer, BiPer),
             f"MeanAbsScaled wraps a binary quantizer; got {quantizer!r}.",
         )
+        self.precision = self.quantizer.precision
 
     def call(self, inputs):
         # float32 mean: a float16 sum of |w| overflows long before any |w| does
@@ -455,6 +469,215 @@ class MeanAbsScaled(_BaseQuantizer):
         config = dict(config)
         config["quantizer"] = lq.quantizers.get(config["quantizer"])
         return cls(**config)
+
+
+# ------------------------------------------------------------------ ReCU and BiPer
+# Both public codes (z-hXu/ReCU `imagenet/modules/binarized_modules.py`, edmav4/BiPer
+# `cifar10/modules/binarized_modules.py`) binarize activations the same way; their
+# convs also multiply the output by a learnable per-channel alpha, which the
+# BatchNorm after every binary conv here absorbs (its gamma), so it is left out.
+_RECU_EPS = 1e-5  # both codes: var + 1e-5
+
+
+def _channel_axes(w):
+    return list(range(len(w.shape) - 1))  # all but the output channels (Keras: last)
+
+
+def _normalized(x, axes, eps=_RECU_EPS):
+    r"""\(x/\sqrt{\mathrm{var}(x) + \epsilon}\) over `axes` (torch.var's unbiased
+    variance), computed as \((x/m)/\sqrt{\mathrm{var}(x/m) + \epsilon/m^2}\), the same
+    value for any m > 0: with m = max|x| (held constant, at least 1e-15) no square
+    overflows, so values and gradients stay finite from 1e-30 to 1e30."""
+    m = tf.stop_gradient(tf.maximum(tf.reduce_max(tf.abs(x), axes, keepdims=True), 1e-15))
+    xs = x / m
+    n = tf.cast(tf.reduce_prod(tf.gather(tf.shape(x), axes)), x.dtype)
+    centered = xs - tf.reduce_mean(xs, axes, keepdims=True)
+    var = tf.reduce_sum(tf.square(centered), axes, keepdims=True) / tf.maximum(n - 1.0, 1.0)
+    return xs / tf.sqrt(var + eps / tf.square(m))
+
+
+@tf.custom_gradient
+def _identity_sign(x):
+    return lq.math.sign(x), lambda dy: dy
+
+
+def recu_standardize(w):
+    r"""ReCU's balanced weights (`BinarizeConv2d.forward`, lines w0 and w1):
+    \\(w_1 = 2\sqrt{2}\,(w - \bar w_c)/\sqrt{\mathrm{var}_c(w) + 10^{-5}}\\) per output
+    channel c (unbiased variance), so |w1| has mean about 2 (Laplace scale b = 2)."""
+    axes = _channel_axes(w)
+    return (2.0 * math.sqrt(2.0)) * _normalized(w - tf.reduce_mean(w, axes, keepdims=True), axes)
+
+
+def recu_weight(w, tau):
+    r"""ReCU's weight binarization (Xu et al., ICCV 2021), as its code computes it:
+    \\[
+    Q_\tau = -\,\mathrm{mean}(|w_1|)\,\ln(2 - 2\tau)\ \text{(no gradient)},\quad
+    w_2 = \mathrm{clamp}(w_1, -Q_\tau, Q_\tau),\quad q(w) = \mathrm{sign}(w_2),
+    \\]
+    with `recu_standardize`'s w1 and the identity as sign's backward: the gradient
+    reaches w through the clamp (0 beyond \\(\pm Q_\tau\\), the "rectified" dead
+    weights revived) and through the standardization. Q_tau is the tau-quantile of
+    |w1| if w1 is Laplace. The forward is sign(w - mean_c(w)), +-1 (LCE: binary).
+    """
+    dtype = _compute_dtype(w)
+    w1 = recu_standardize(tf.cast(w, dtype))
+    tau = tf.cast(tau, dtype)
+    q = tf.stop_gradient(-tf.reduce_mean(tf.abs(w1)) * tf.math.log(2.0 - 2.0 * tau))
+    return tf.cast(_identity_sign(tf.clip_by_value(w1, -q, q)), w.dtype)
+
+
+def recu_activation_sign(x):
+    r"""The activation binarization of the ReCU and BiPer codes while training:
+    \\(a_0 = a/\sqrt{\mathrm{var}(a) + 10^{-5}}\\) per sample (unbiased, over H, W, C),
+    forward sign(a0), backward \\(\max(0, 2 - 2|a_0|)\\) (Bi-Real's ApproxSign) times
+    dy, and on through the normalization. sign(a0) = sign(a): at inference both codes
+    skip the normalization, as `ReCUActivation` does."""
+    dtype = _compute_dtype(x)
+    a = tf.cast(x, dtype)
+    a0 = _normalized(a, list(range(1, len(a.shape))))
+
+    @tf.custom_gradient
+    def _sign(a0):
+        def grad(dy):
+            return dy * tf.maximum(0.0, 2.0 - 2.0 * tf.abs(a0))
+
+        # sign(a), which sign(a0) is, also where a0 underflows to 0 (tiny negative a)
+        return lq.math.sign(a), grad
+
+    return tf.cast(_sign(a0), x.dtype)
+
+
+def _training(training):
+    return tf.keras.backend.learning_phase() if training is None else training
+
+
+@lq_utils.register_alias("recu_activation")
+@lq_utils.register_keras_custom_object
+class ReCUActivation(_BaseQuantizer):
+    r"""Activations of ReCU and BiPer: sign, with per-sample normalization and the
+    ApproxSign backward while training (`recu_activation_sign`); `larq.math.sign` at
+    inference, the same values, which LCE converts.
+
+    ```python
+    QuantConv2D(64, 3, input_quantizer="recu_activation", kernel_quantizer="recu")
+    ```
+    """
+
+    precision = 1
+
+    def call(self, inputs, training=None):
+        outputs = tf.__internal__.smart_cond.smart_cond(
+            _training(training),
+            lambda: recu_activation_sign(inputs),
+            lambda: lq.math.sign(inputs),
+        )
+        return super().call(outputs)
+
+
+def recu_tau_at(epoch: int, epochs: int, tau_min: float = 0.85, tau_max: float = 0.99):
+    r"""ReCU's quantile schedule (`cpt_tau` in its `main.py`):
+    \\(\tau(e) = A e^{e/E} + B\\), A = (tau_max - tau_min)/(e - 1), B = tau_min - A,
+    so tau(0) = tau_min and tau(E) = tau_max; defaults from its `run.sh`."""
+    a = (tau_max - tau_min) / (math.e - 1.0)
+    return a * math.exp(epoch / epochs) + tau_min - a
+
+
+@lq_utils.register_alias("recu")
+@lq_utils.register_keras_custom_object
+class ReCU(_ScheduledSign):
+    r"""ReCU's weight quantizer (Xu, Lin, Zhang, Ji, Tian, Liao; ICCV 2021): the
+    balanced, rectified clamp of the latent weights, then sign (see `recu_weight`).
+
+    tau in (0.5, 1) is the quantile of |w1| kept unclamped; `EstimatorSchedule` raises
+    it from 0.85 to 0.99 over training (`recu_tau_at`), logged as `tau`.
+
+    ```python
+    QuantConv2D(64, 3, input_quantizer="recu_activation", kernel_quantizer=ReCU(0.85))
+    ```
+    """
+
+    schedule_name = "tau"
+
+    def __init__(self, tau: float = 0.85, **kwargs):
+        _check(0.5 < float(tau) < 1.0, f"ReCU: tau must be in (0.5, 1) (got {tau}).")
+        super().__init__(tau, **kwargs)
+
+    @property
+    def tau(self) -> float:
+        return float(self.schedule_variable.numpy())
+
+    @tau.setter
+    def tau(self, value: float):
+        _check(0.5 < float(value) < 1.0, f"ReCU: tau must be in (0.5, 1) (got {value}).")
+        self.schedule_variable.assign(float(value))
+
+    def call(self, inputs):
+        return super().call(recu_weight(inputs, self._value()))
+
+    def get_config(self):
+        return {**super().get_config(), "tau": self.tau}
+
+
+def biper_weight(w, freq=20.0, binary=True):
+    r"""BiPer's periodic weights (Vargas, Jacome, Arguello; CVPR 2024), as its code
+    computes them: stage 1 \\(\sin(\omega w)\\) (real-valued), stage 2
+    \\(\mathrm{sign}(\sin(\omega w))\\), a square wave of w, with the identity as
+    sign's backward, so \\(\partial q/\partial w = \omega\cos(\omega w)\\). omega = `freq`
+    (20 in its run scripts)."""
+    dtype = _compute_dtype(w)
+    wave = tf.sin(tf.cast(freq, dtype) * tf.cast(w, dtype))
+    return tf.cast(_identity_sign(wave) if binary else wave, w.dtype)
+
+
+def biper_regularizer(w, freq=20.0):
+    r"""BiPer's loss term per binary conv, before its weight tau: the code's
+    \\(\mathrm{mean}(0.5 - 0.5\cos(2\omega w)) = \mathrm{mean}(\sin^2(\omega w))\\)."""
+    return tf.reduce_mean(0.5 - 0.5 * tf.cos(2.0 * freq * tf.cast(w, tf.float32)))
+
+
+@lq_utils.register_alias("biper")
+@lq_utils.register_keras_custom_object
+class BiPer(_BaseQuantizer):
+    r"""BiPer's weight quantizer (see `biper_weight`), and its regularizer
+    \\(\tau\,\mathrm{mean}(\sin^2(\omega w))\\) added to the model's loss
+    (`add_loss`, so `model.fit` minimizes it) when `tau` > 0.
+
+    Stage 2 (`binary=True`, the deployed network): sign(sin(omega w)), +-1, which LCE
+    converts. Stage 1 (`binary=False`, alias `biper_stage1`): sin(omega w) itself,
+    real-valued weights: a stage-1 model is not a binary network (precision 32; its
+    convs export as float convs); stage 2 starts from it (`--init-from`). The BiPer
+    code's CIFAR-10 scripts: stage 1 tau 0.037, stage 2 tau 0.0468, omega 20.
+
+    ```python
+    QuantConv2D(64, 3, input_quantizer="recu_activation", kernel_quantizer="biper")
+    ```
+    """
+
+    def __init__(self, freq: float = 20.0, tau: float = 0.0468, binary: bool = True, **kwargs):
+        _check(float(freq) > 0.0, f"BiPer: freq must be > 0 (got {freq}).")
+        _check(float(tau) >= 0.0, f"BiPer: tau must be >= 0 (got {tau}).")
+        super().__init__(**kwargs)
+        self.freq, self.tau, self.binary = float(freq), float(tau), bool(binary)
+        self.precision = 1 if self.binary else 32
+
+    def call(self, inputs):
+        if self.tau:
+            self.add_loss(self.tau * biper_regularizer(inputs, self.freq))
+        return super().call(biper_weight(inputs, self.freq, self.binary))
+
+    def get_config(self):
+        return {**super().get_config(), "freq": self.freq, "tau": self.tau, "binary": self.binary}
+
+
+@lq_utils.register_alias("biper_stage1")
+@lq_utils.register_keras_custom_object
+class BiPerStage1(BiPer):
+    """BiPer's stage 1: `BiPer(binary=False, tau=0.037)` (real-valued sin(omega w))."""
+
+    def __init__(self, freq: float = 20.0, tau: float = 0.037, binary: bool = False, **kwargs):
+        _check(not binary, "BiPerStage1 is BiPer's stage 1: binary=False; use BiPer.")
+        super().__init__(freq, tau, False, **kwargs)
 
 
 # Larq's own estimators under the names the papers use.
@@ -476,11 +699,16 @@ ESTIMATORS: dict[str, tuple[str, str]] = {
     # peaks at mu and compounds over the layers (README, Results).
     "bnnpp": ("ste_sign", "bnnpp"),
     "bnnpp_all": ("bnnpp", "bnnpp"),
+    "recu": ("recu_activation", "recu"),  # ReCU (Xu et al.)
+    "biper": ("recu_activation", "biper"),  # BiPer stage 2 (Vargas et al.)
+    "biper_stage1": ("recu_activation", "biper_stage1"),  # its real-valued stage 1
 }
 _ESTIMATOR_ALIASES = {
     "ReSTE": "reste",
     "bnn++": "bnnpp",
     "BNNpp": "bnnpp",
+    "ReCU": "recu",
+    "BiPer": "biper",
     "bnn": "ste",
     "ste_sign": "ste",
     "swish_sign": "bnn+",

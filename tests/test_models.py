@@ -299,6 +299,20 @@ def test_resnet20_converts_exactly_for_estimators(quantizer):
     assert all(close)  # 0.3M sign inputs per image: flips are rare enough to demand all
 
 
+@SLOW  # 2 estimators x 7 models: ~3 minutes
+@pytest.mark.parametrize("quantizer", ["recu", "biper"])
+@pytest.mark.parametrize(
+    "name",
+    [n for n in CONVERTED if n != "wrn20_10_1bit"] + ["resnet18_1w1a_imagenet", "birealnet18"],
+)
+def test_every_model_converts_for_recu_and_biper(name, quantizer):
+    """ReCU's deployed weights are sign(w - mean_c(w)), BiPer's sign(sin(omega w)): both
+    +-1 after folding, so every binary conv is an LceBconv2d and TFLite = Keras. (The
+    34-layer nets repeat the 18s' blocks; WRN at full width is the width-1 one wider.)"""
+    model = build_for_conversion(name, quantizer=quantizer, a32=False)
+    check_conversion(with_trained_batchnorm(model), samples=4)
+
+
 def test_a32_keeps_activations_real_and_converts_to_float_convs():
     model = models.build("resnet20_1w1a", a32=True)
     assert export.count_binary_convs(model) == 0
