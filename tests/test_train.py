@@ -15,6 +15,7 @@ import tensorflow_datasets as tfds
 
 from reste_larq import callbacks as cb
 from reste_larq import experiment, rundir
+from reste_larq import quantizers as Q
 from train import cifar, common
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -835,3 +836,33 @@ def test_cli_react_block_trains_and_converts(cifar_dir, tmp_path):
     assert run_cli(*argv, "--block", "react") == 0
     m = check_outputs(str(tmp_path / "react"))  # 18 LceBconv2d, TFLite = Keras top-1
     assert m["args"]["block"] == "react"
+
+
+@pytest.mark.slow  # two estimators x (straight, crashed, resumed, evaluated): ~2 minutes
+@pytest.mark.parametrize("quantizer", ["recu", "biper"])
+def test_recu_and_biper_resume_exactly_and_evaluate(
+    cifar_dir, tmp_path, monkeypatch, capsys, quantizer
+):
+    """ReCU's tau follows the epochs (logged as `tau`), BiPer adds its regularizer to
+    the loss; a run killed at epoch 1 and resumed ends with the weights of a straight
+    one, and --evaluate reproduces its metrics."""
+    common = [
+        "--data-dir", cifar_dir, "--results-dir", tmp_path, *QUICK, "--epochs", "2",
+        "--no-export", "--quantizer", quantizer,
+    ]  # fmt: skip
+    assert run_cli(*common, "--name", "straight") == 0
+    run_killed_at_epoch(1, monkeypatch, *common, "--name", "crashed")
+    assert run_cli(*common, "--name", "crashed", "--resume") == 0
+    straight, resumed = history(str(tmp_path / "straight")), history(str(tmp_path / "crashed"))
+    assert resumed == straight
+    m = read_metrics(str(tmp_path / "straight"))
+    assert m["weights_sha256"] == read_metrics(str(tmp_path / "crashed"))["weights_sha256"]
+    if quantizer == "recu":
+        taus = [float(r["tau"]) for r in straight]
+        assert taus == pytest.approx([Q.recu_tau_at(0, 2), Q.recu_tau_at(1, 2)])
+        assert m["tau_final"] == pytest.approx(Q.recu_tau_at(1, 2))
+    capsys.readouterr()
+    argv = ["--evaluate", tmp_path / "straight", "--data-dir", cifar_dir, "--results-dir", tmp_path]
+    assert run_cli(*argv, "--verbose", "0", "--no-download", "--no-export") == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert (printed["test_top1"], printed["test_top5"]) == (m["test_top1"], m["test_top5"])
