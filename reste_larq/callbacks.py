@@ -289,6 +289,8 @@ def estimator_derivatives(model: tf.keras.Model):
             continue
         if isinstance(quantizer, MeanAbsScaled):
             quantizer = quantizer.quantizer
+        if not getattr(quantizer, "elementwise_monotone_estimator", True):
+            continue  # ReCU (per-channel standardization), BiPer (a periodic wave)
         w = tf.convert_to_tensor(layer.kernel.latent_variable)
         # the training-mode estimator (BNN++ is a plain sign in inference)
         kwargs = (
@@ -308,7 +310,10 @@ def frozen_fraction(model: tf.keras.Model, threshold: float = FROZEN_THRESHOLD) 
     reference |w| > 1.5. BNN++'s SignSwish derivative is negative beyond mu |w| ~ 2.4
     (SS_mu overshoots 1 there): a weight the loss wants flipped is pushed *away* from
     zero, one it wants kept drifts back to the overshoot's peak, so once mu is large
-    every weight outside |w| < 2.4 / mu keeps its sign. NaN without binary kernels."""
+    every weight outside |w| < 2.4 / mu keeps its sign. NaN without binary kernels, and
+    for ReCU and BiPer, where it means nothing: ReCU's q couples a channel's weights (its
+    standardization), so d q / dw is no diagonal, and a clamped weight still moves through
+    the others; BiPer's square wave of w flips whichever way a weight moves."""
     frozen = total = 0
     for _, derivative in estimator_derivatives(model):
         frozen += int(tf.reduce_sum(tf.cast(derivative < threshold, tf.int64)))
@@ -325,8 +330,9 @@ class FrozenFraction(tf.keras.callbacks.Callback):
         self.threshold = threshold
 
     def on_epoch_end(self, epoch, logs=None):
-        if logs is not None:
-            logs["frozen_fraction"] = frozen_fraction(trained_model(self.model), self.threshold)
+        value = frozen_fraction(trained_model(self.model), self.threshold)
+        if logs is not None and not math.isnan(value):  # NaN: nothing it applies to
+            logs["frozen_fraction"] = value
 
 
 class Indicators(tf.keras.callbacks.Callback):

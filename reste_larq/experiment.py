@@ -45,7 +45,7 @@ from reste_larq.errors import ConfigError, DataFormatError, DataNotFoundError, R
 PACKED_FILE = "model.packed.npz"
 # What refuses a run before anything is written (one line each, exit 2 in the CLIs).
 REFUSALS = (RunError, ConfigError, DataNotFoundError, DataFormatError)
-PER_EPOCH_COLUMNS = ("epoch", "lr", "o", "mu", "frozen_fraction", "loss", "val_accuracy")
+PER_EPOCH_COLUMNS = ("epoch", "lr", "o", "mu", "tau", "frozen_fraction", "loss", "val_accuracy")
 
 
 # --------------------------------------------------------------------------- data

@@ -598,6 +598,7 @@ class ReCU(_ScheduledSign):
     """
 
     schedule_name = "tau"
+    elementwise_monotone_estimator = False  # no frozen_fraction (see there)
 
     def __init__(self, tau: float = 0.85, **kwargs):
         _check(0.5 < float(tau) < 1.0, f"ReCU: tau must be in (0.5, 1) (got {tau}).")
@@ -653,6 +654,8 @@ class BiPer(_BaseQuantizer):
     QuantConv2D(64, 3, input_quantizer="recu_activation", kernel_quantizer="biper")
     ```
     """
+
+    elementwise_monotone_estimator = False  # no frozen_fraction (see there)
 
     def __init__(self, freq: float = 20.0, tau: float = 0.0468, binary: bool = True, **kwargs):
         _check(float(freq) > 0.0, f"BiPer: freq must be > 0 (got {freq}).")

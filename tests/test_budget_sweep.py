@@ -19,17 +19,17 @@ def budget_sweep():
     return module
 
 
-def _finished_cell(results_dir, name, top1, frozen):
+def _finished_cell(results_dir, name, top1, frozen, best):
     run = os.path.join(results_dir, name)
     os.makedirs(run)
     per_epoch = [{"epoch": 0, "val_accuracy": top1 / 100, "frozen_fraction": frozen}]
     with open(os.path.join(run, "metrics.json"), "w") as f:
-        json.dump({"test_top1": top1, "per_epoch": per_epoch}, f)
+        json.dump({"test_top1": top1, "best_test_top1": best, "per_epoch": per_epoch}, f)
 
 
 def test_report_tabulates_finished_cells_and_marks_missing_ones(budget_sweep, tmp_path, capsys):
-    _finished_cell(tmp_path, "fashion_mnist_n100_e2_reste_s1", 61.25, 0.0)
-    _finished_cell(tmp_path, "fashion_mnist_n100_e2_bnnpp_mu_end50_s1", 47.5, 0.25)
+    _finished_cell(tmp_path, "fashion_mnist_n100_e2_reste_s1", 61.25, 0.0, 63.5)
+    _finished_cell(tmp_path, "fashion_mnist_n100_e2_bnnpp_mu_end50_s1", 47.5, 0.25, 47.5)
     budget_sweep.main(
         [
             "--report", "--no-plot", "--results-dir", str(tmp_path), "--seeds", "1",
@@ -39,6 +39,7 @@ def test_report_tabulates_finished_cells_and_marks_missing_ones(budget_sweep, tm
     )  # fmt: skip
     rows = [line.split() for line in capsys.readouterr().out.splitlines()]
     assert ["reste", "61.25", "-"] in rows
+    assert ["reste", "63.50", "-"] in rows  # the best-epoch table, beside the final one
     assert ["bnnpp,mu_end=50", "47.50", "-"] in rows
     assert ["bnnpp,mu_end=50", "25.00", "-"] in rows  # the frozen-fraction table
     # Nothing was trained for the missing 5-epoch cells.

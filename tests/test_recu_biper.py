@@ -188,3 +188,14 @@ def test_small_network_converts_to_lce_bconv_and_tflite_equals_keras(name):
     np.testing.assert_allclose(
         predict_tflite(flatbuffer, x), model(x, training=False).numpy(), atol=1e-3
     )
+
+
+@pytest.mark.parametrize("name", ["recu", "biper"])
+def test_frozen_fraction_is_not_claimed_for_recu_and_biper(name):
+    """ReCU's derivative is no per-weight diagonal and BiPer's wave flips either way:
+    frozen_fraction would count the wrong thing, so it is NaN (STE's is a number)."""
+    from reste_larq import callbacks as cb
+    from reste_larq import models
+
+    assert np.isnan(cb.frozen_fraction(models.build("resnet20_1w1a", quantizer=name)))
+    assert 0.0 <= cb.frozen_fraction(models.build("resnet20_1w1a", quantizer="ste")) <= 1.0
