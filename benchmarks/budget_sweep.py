@@ -39,17 +39,19 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from reste_larq import quantizers  # noqa: E402
 from train import cifar  # noqa: E402
-
-# frozen_fraction does not apply to these (reste_larq.callbacks.frozen_fraction); runs
-# made before it said so logged a number for them
-NO_FROZEN_FRACTION = ("recu", "biper", "biper_stage1")
 
 
 def frozen(metrics):
-    """Per-epoch frozen fraction of a run, NaN where it does not apply."""
-    if metrics.get("quantizer") in NO_FROZEN_FRACTION:
-        return [math.nan for _ in metrics["per_epoch"]]
+    """Per-epoch frozen fraction of a run, NaN where it does not apply: the kernel
+    quantizer's own word (reste_larq.callbacks.frozen_fraction), since runs made before
+    it said so logged a number for ReCU and BiPer too."""
+    quantizer = metrics.get("quantizer")
+    if quantizer and quantizer != "float":
+        kernel = quantizers.estimator_quantizers(quantizer)[1]
+        if not getattr(kernel, "elementwise_monotone_estimator", True):
+            return [math.nan for _ in metrics["per_epoch"]]
     return [r.get("frozen_fraction", math.nan) for r in metrics["per_epoch"]]
 
 
