@@ -52,6 +52,15 @@ def op_type_times(xplane_path: str) -> collections.Counter:
             continue
         names = plane.event_metadata
         for line in plane.lines:
+            if line.name.startswith("host_executor"):
+                # XLA-compiled functions (the estimators' jit backward) run here; their
+                # calls nest fusions inside: count each outermost event once.
+                end = -1
+                for event in sorted(line.events, key=lambda e: e.offset_ps):
+                    if event.offset_ps >= end:
+                        totals["XLA (jit-compiled functions)"] += event.duration_ps
+                        end = event.offset_ps + event.duration_ps
+                continue
             if not line.name.startswith("tf_Compute"):
                 continue
             for event in line.events:

@@ -8,8 +8,10 @@
 
 A variant is an estimator name ("float": the full-precision twin) with options: +jit
 (`model.compile(jit_compile=True)`, the CLI's --jit-compile), +bf16 / +fp16 (Keras
-mixed precision, the CLI's --mixed-precision), +kd (a `reste_larq.distill.Distiller`
-with the float twin as its teacher: the cost of `--teacher`). Every model is compiled as the CLI
+mixed precision, the CLI's --mixed-precision), +padcopy (one-padding trained through
+Larq's padded copy, `OnePaddedQuantConv2D.decompose_padding = False`), +kd (a
+`reste_larq.distill.Distiller` with the float twin as its teacher: the cost of
+`--teacher`). Every model is compiled as the CLI
 compiles it: PyTorch-form SGD (momentum 0.9, coupled weight decay 1e-4).
 
 All estimators run in one process, each model compiled and warmed up first (tracing
@@ -46,7 +48,7 @@ import reste_larq  # noqa: E402,F401  (first: TensorFlow with Keras 2 as tf.kera
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from reste_larq import distill, models, training  # noqa: E402
+from reste_larq import distill, layers, models, training  # noqa: E402
 
 DEFAULT_ESTIMATORS = ["ste", "reste", "bnnpp", "binary_connect", "bnn+", "approx_sign"]
 POLICIES = {"bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
@@ -56,7 +58,7 @@ def split_variant(variant):
     """ "reste+jit+bf16" -> ("reste", ["jit", "bf16"]); "bnn+" keeps its own "+"."""
     options = []
     while True:
-        for option in ("jit", "kd", *POLICIES):
+        for option in ("jit", "kd", "padcopy", *POLICIES):
             if variant.endswith("+" + option):
                 options.insert(0, option)
                 variant = variant[: -len(option) - 1]
@@ -71,6 +73,10 @@ def make_model(variant, model_name):
     tf.keras.mixed_precision.set_global_policy(policy)
     try:
         model = models.build(model_name, quantizer=estimator)
+        if "padcopy" in options:  # one-padding as Larq's tf.pad copy, also in training
+            for layer in model.submodules:
+                if isinstance(layer, layers.OnePaddedQuantConv2D):
+                    layer.decompose_padding = False
         if "kd" in options:  # the teacher's weights do not matter for the cost
             teacher = models.build(model_name, quantizer="float")
             model = distill.Distiller(model, teacher, alpha=1.0, temperature=1.0)

@@ -30,6 +30,7 @@ from reste_larq import (  # noqa: E402,F401  (quantizers registers the names)
     distill,
     errors,
     export,
+    layers,
     models,
     provenance,
     quantizers,

@@ -11,6 +11,7 @@ import larq as lq
 import tensorflow as tf
 
 from reste_larq.errors import ConfigError
+from reste_larq.layers import OnePaddedQuantConv2D
 from reste_larq.quantizers import MeanAbsScaled, canonical_estimator, estimator_quantizers
 
 PADDINGS = ("one", "zero")
@@ -140,7 +141,9 @@ class BinarySpec:
             if self.weight_scale and kernel_q is not None:
                 kernel_q = MeanAbsScaled(kernel_q)
         one_pad = self.padding == "one" and input_q is not None
-        return lq.layers.QuantConv2D(
+        # One-padding without a padded copy while training (reste_larq/layers.py).
+        layer = OnePaddedQuantConv2D if one_pad else lq.layers.QuantConv2D
+        return layer(
             filters,
             kernel_size,
             strides=strides,
