@@ -157,10 +157,9 @@ def _border_sums(dy, strips):
 
 def _add_at_border(outputs, values, positions, strips):
     """outputs + values scattered to the border `positions` of every image. The gradient
-    for `values` sums the batch over the border strips only (slices, not a gather):
-    Keras' broadcast add would sum the whole output over the batch, a full pass."""
+    for `values` sums the batch over the border strips only (`_border_sums`): Keras'
+    broadcast add would sum the whole output over the batch, a full pass per layer."""
     _, ho, wo, filters = outputs.shape
-    rt, rb, cl, cr = strips
     index = tf.constant(positions[:, None])
 
     @tf.custom_gradient
