@@ -5,6 +5,8 @@
     python benchmarks/train_throughput.py --estimators reste reste+jit reste+bf16 float
     python benchmarks/train_throughput.py --estimators reste float \
         --pythons .venv-tf215/bin/python .venv/bin/python    # two stacks, interleaved
+    python benchmarks/train_throughput.py --estimators reste float \
+        --xla-cpu-runtimes thunk legacy          # XLA's two CPU runtimes, interleaved
 
 A variant is an estimator name ("float": the full-precision twin) with options: +jit
 (`model.compile(jit_compile=True)`, the CLI's --jit-compile), +bf16 / +fp16 (Keras
@@ -19,6 +21,10 @@ excluded), then timed in interleaved rounds (the order shuffled each round) so t
 drifts of the machine hit every estimator alike. Prints median and min-max images/s
 per estimator and, last, `reste/ste throughput ratio: X.XX` (the ratio of medians).
 Synthetic 32x32x3 inputs: throughput does not depend on pixel values.
+
+`--xla-cpu-runtimes` compares XLA's CPU runtimes the same way (fresh processes of this
+interpreter, one per runtime and round, with XLA_FLAGS=--xla_cpu_use_thunk_runtime=
+true or false): XLA reads its flags once per process.
 
 `--pythons` compares environments (e.g. two TensorFlow stacks): each round runs this
 script once in a fresh process of every interpreter in turn (the order shuffled each
@@ -52,6 +58,10 @@ from reste_larq import distill, layers, models, training  # noqa: E402
 
 DEFAULT_ESTIMATORS = ["ste", "reste", "bnnpp", "binary_connect", "bnn+", "approx_sign"]
 POLICIES = {"bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
+XLA_CPU_RUNTIMES = {
+    "thunk": "--xla_cpu_use_thunk_runtime=true",
+    "legacy": "--xla_cpu_use_thunk_runtime=false",
+}
 
 
 def split_variant(variant):
@@ -104,9 +114,16 @@ def main(argv=None):
         default=None,
         help="interpreters (environments) to compare, interleaved round by round",
     )
+    p.add_argument(
+        "--xla-cpu-runtimes",
+        nargs="+",
+        choices=sorted(XLA_CPU_RUNTIMES),
+        default=None,
+        help="XLA CPU runtimes to compare, interleaved round by round",
+    )
     p.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # for --pythons
     args = p.parse_args(argv)
-    if args.pythons:
+    if args.pythons or args.xla_cpu_runtimes:
         return compare_pythons(args, argv if argv is not None else sys.argv[1:])
 
     rng = np.random.default_rng(args.seed)
@@ -154,20 +171,34 @@ def main(argv=None):
 
 
 def compare_pythons(args, argv):
-    """--pythons: one fresh process per interpreter and round, in a shuffled order."""
-    child = [a for a in argv if a not in args.pythons and a != "--pythons"]
-    child += ["--rounds", "1", "--json"]
-    rates = {python: {name: [] for name in args.estimators} for python in args.pythons}
-    versions = {}
+    """--pythons / --xla-cpu-runtimes: one fresh process per environment and round, in a
+    shuffled order."""
+    skip = {
+        "--pythons",
+        "--xla-cpu-runtimes",
+        *(args.pythons or ()),
+        *(args.xla_cpu_runtimes or ()),
+    }
+    child = [a for a in argv if a not in skip] + ["--rounds", "1", "--json"]
     # This process's `import reste_larq` set TF_USE_LEGACY_KERAS; each interpreter's own
     # import decides for its stack (TensorFlow 2.15 without tf-keras must not see it).
-    env = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
-    order = list(args.pythons)
+    base = {k: v for k, v in os.environ.items() if k not in ("TF_USE_LEGACY_KERAS", "XLA_FLAGS")}
+    if args.xla_cpu_runtimes:
+        envs = {
+            f"XLA {r} runtime": (sys.executable, {**base, "XLA_FLAGS": XLA_CPU_RUNTIMES[r]})
+            for r in args.xla_cpu_runtimes
+        }
+    else:
+        envs = {python: (python, base) for python in args.pythons}
+    rates = {label: {name: [] for name in args.estimators} for label in envs}
+    versions = {}
+    order = list(envs)
     shuffle = random.Random(args.seed)
     for round_ in range(args.rounds):
         shuffle.shuffle(order)
-        for python in order:
-            print(f"round {round_ + 1}/{args.rounds}: {python}", flush=True)
+        for label in order:
+            python, env = envs[label]
+            print(f"round {round_ + 1}/{args.rounds}: {label}", flush=True)
             done = subprocess.run(
                 [python, os.path.abspath(__file__), *child],
                 capture_output=True,
@@ -175,21 +206,20 @@ def compare_pythons(args, argv):
                 env=env,
             )
             if done.returncode:
-                sys.exit(f"{python} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
-            out = done.stdout
-            result = json.loads(out.strip().splitlines()[-1])
-            versions[python] = result["tensorflow"]
+                sys.exit(f"{label} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+            result = json.loads(done.stdout.strip().splitlines()[-1])
+            versions[label] = result["tensorflow"]
             for name, values in result["rates"].items():
-                rates[python][name] += values
+                rates[label][name] += values
     print(
         f"model {args.model}, batch {args.batch_size}, {args.steps} steps, {args.rounds} "
-        f"interleaved rounds of one process per interpreter, {os.cpu_count()} CPUs"
+        f"interleaved rounds of one process per environment, {os.cpu_count()} CPUs"
     )
     print(
-        f"{'interpreter':<28}{'TF':>8} {'estimator':<16}{'median img/s':>14}{'min':>10}{'max':>10}"
+        f"{'environment':<28}{'TF':>8} {'estimator':<16}{'median img/s':>14}{'min':>10}{'max':>10}"
     )
     medians = {}
-    for python in args.pythons:
+    for python in list(envs):
         for name in args.estimators:
             r = rates[python][name]
             medians[python, name] = statistics.median(r)
@@ -197,8 +227,8 @@ def compare_pythons(args, argv):
                 f"{python:<28}{versions[python]:>8} {name:<16}{medians[python, name]:>14.1f}"
                 f"{min(r):>10.1f}{max(r):>10.1f}"
             )
-    first = args.pythons[0]
-    for python in args.pythons[1:]:
+    first = list(envs)[0]
+    for python in list(envs)[1:]:
         for name in args.estimators:
             ratio = medians[python, name] / medians[first, name]
             print(f"{name}: {python} / {first} throughput ratio: {ratio:.2f}")

@@ -12,7 +12,10 @@ GPUs, "computation placer already registered", CPU feature notes) that no log le
 reaches: they are written before TensorFlow's logging starts. Unless the user set
 `TF_CPP_MIN_LOG_LEVEL` below 2 (which asks for them), the import here sets it to 2 (drop
 TensorFlow's INFO and WARNING logs, keep errors) and drops the import's C++ lines below
-that level; anything else the import writes to stderr is passed on. XLA's and the
+that level; anything else the import writes to stderr is passed on.
+
+On TensorFlow 2.19 the import also selects XLA's previous CPU runtime through
+`XLA_FLAGS` (see `XLA_CPU_RUNTIME`), unless the user's `XLA_FLAGS` choose one. XLA's and the
 runtime's absl logging ignore the variable later on too: the command lines call
 `filter_cpp_logs` for the whole process.
 """
@@ -20,6 +23,7 @@ runtime's absl logging ignore the variable later on too: the command lines call
 from __future__ import annotations
 
 import atexit
+import importlib.metadata
 import importlib.util
 import os
 import re
@@ -28,6 +32,14 @@ import tempfile
 import threading
 
 LEGACY_KERAS = "TF_USE_LEGACY_KERAS"
+XLA_FLAGS = "XLA_FLAGS"
+# XLA's CPU runtime. The estimators' backward passes (and the one-padded convs' border
+# sums) are small XLA functions inside TensorFlow's graph. XLA's newer "thunk" runtime,
+# the default in TensorFlow 2.19, ran them up to half as fast as the previous one on
+# this project's 2-core machine, and ReSTE's whole training step 6 % slower
+# (benchmarks/train_throughput.py --xla-cpu-runtimes; docs/stack.md). The flag does
+# not exist before TensorFlow 2.17, where XLA would abort on it: set for 2.19 only.
+XLA_CPU_RUNTIME = "--xla_cpu_use_thunk_runtime=false"
 LOG_LEVEL = "TF_CPP_MIN_LOG_LEVEL"
 SUPPORTED = "TensorFlow 2.19 with tf-keras 2.19 (pip install -r requirements.txt)"
 
@@ -131,6 +143,20 @@ def is_keras2(keras_module) -> bool:
     return module.startswith(("tf_keras.", "keras.src.engine.", "keras.engine."))
 
 
+def _choose_xla_cpu_runtime():
+    """XLA_FLAGS gets XLA_CPU_RUNTIME where TensorFlow 2.19 is installed and the user's
+    XLA_FLAGS do not choose the runtime themselves (read when XLA first compiles)."""
+    flags = os.environ.get(XLA_FLAGS, "")
+    if "xla_cpu_use_thunk_runtime" in flags:
+        return
+    try:
+        version = importlib.metadata.version("tensorflow")
+    except importlib.metadata.PackageNotFoundError:
+        return
+    if version.startswith("2.19."):
+        os.environ[XLA_FLAGS] = f"{flags} {XLA_CPU_RUNTIME}".strip()
+
+
 def import_tensorflow():
     """TensorFlow with Keras 2 as `tf.keras` (see the module docstring); returns `tf`."""
     imported = "tensorflow" in sys.modules
@@ -139,6 +165,7 @@ def import_tensorflow():
         # (whose tf.keras is Keras 2 anyway) would look for it too and fail.
         if importlib.util.find_spec("tf_keras") is not None:
             os.environ[LEGACY_KERAS] = "1"
+        _choose_xla_cpu_runtime()
         level = _log_level()
         os.environ[LOG_LEVEL] = str(level)
         if level >= 2:

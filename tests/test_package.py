@@ -60,14 +60,30 @@ assert callable(reste_larq.data.load_arrays) and reste_larq.callbacks.EstimatorS
 assert reste_larq.training.TorchSGD and reste_larq.ConfigError
 import train.cifar, train.imagenet
 assert "larq_zoo" not in sys.modules, "larq_zoo imported at run time"
+import os
+if tf.__version__.startswith("2.19."):  # XLA's faster CPU runtime here (_tensorflow.py)
+    assert os.environ["XLA_FLAGS"] == "--xla_cpu_use_thunk_runtime=false", os.environ
 print("ok")
 """,
         TF_CPP_MIN_LOG_LEVEL=None,
+        XLA_FLAGS=None,
     )
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
     # ... and quietly: TensorFlow's import-time C++ lines are dropped.
     cpp_lines = [l for l in result.stderr.splitlines() if CPP_LOG_LINE.match(l)]
     assert cpp_lines == [], cpp_lines
+
+
+def test_the_users_xla_cpu_runtime_choice_is_kept(monkeypatch):
+    from reste_larq import _tensorflow
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_use_thunk_runtime=true --xla_dump_to=/tmp/x")
+    _tensorflow._choose_xla_cpu_runtime()
+    assert os.environ["XLA_FLAGS"] == "--xla_cpu_use_thunk_runtime=true --xla_dump_to=/tmp/x"
+    monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
+    _tensorflow._choose_xla_cpu_runtime()
+    added = " --xla_cpu_use_thunk_runtime=false" if tf.__version__.startswith("2.19.") else ""
+    assert os.environ["XLA_FLAGS"] == "--xla_dump_to=/tmp/x" + added
 
 
 CPP_LOG_LINE = re.compile(r"^([IWEF]\d{4} \d\d:\d\d:|\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+: [IWEF] )")
