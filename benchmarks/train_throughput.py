@@ -180,8 +180,9 @@ def compare_pythons(args, argv):
         *(args.xla_cpu_runtimes or ()),
     }
     child = [a for a in argv if a not in skip] + ["--rounds", "1", "--json"]
-    # This process's `import reste_larq` set TF_USE_LEGACY_KERAS; each interpreter's own
-    # import decides for its stack (TensorFlow 2.15 without tf-keras must not see it).
+    # This process's `import reste_larq` set TF_USE_LEGACY_KERAS and, on TensorFlow 2.19,
+    # XLA_FLAGS; each interpreter's own import decides for its stack (TensorFlow 2.15
+    # must see neither: it has no tf-keras, and its XLA aborts on the 2.19 flag).
     base = {k: v for k, v in os.environ.items() if k not in ("TF_USE_LEGACY_KERAS", "XLA_FLAGS")}
     if args.xla_cpu_runtimes:
         envs = {
