@@ -149,11 +149,13 @@ def _choose_xla_cpu_runtime():
     flags = os.environ.get(XLA_FLAGS, "")
     if "xla_cpu_use_thunk_runtime" in flags:
         return
-    try:
-        version = importlib.metadata.version("tensorflow")
-    except importlib.metadata.PackageNotFoundError:
-        return
-    if version.startswith("2.19."):
+    versions = []
+    for distribution in ("tensorflow", "tensorflow-cpu"):
+        try:
+            versions.append(importlib.metadata.version(distribution))
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    if versions and all(v.startswith("2.19.") for v in versions):
         os.environ[XLA_FLAGS] = f"{flags} {XLA_CPU_RUNTIME}".strip()
 
 
