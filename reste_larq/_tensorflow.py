@@ -12,12 +12,12 @@ GPUs, "computation placer already registered", CPU feature notes) that no log le
 reaches: they are written before TensorFlow's logging starts. Unless the user set
 `TF_CPP_MIN_LOG_LEVEL` below 2 (which asks for them), the import here sets it to 2 (drop
 TensorFlow's INFO and WARNING logs, keep errors) and drops the import's C++ lines below
-that level; anything else the import writes to stderr is passed on.
-
-On TensorFlow 2.19 the import also selects XLA's previous CPU runtime through
-`XLA_FLAGS` (see `XLA_CPU_RUNTIME`), unless the user's `XLA_FLAGS` choose one. XLA's and the
+that level; anything else the import writes to stderr is passed on. XLA's and the
 runtime's absl logging ignore the variable later on too: the command lines call
 `filter_cpp_logs` for the whole process.
+
+On TensorFlow 2.19 the import also selects XLA's previous CPU runtime through
+`XLA_FLAGS` (see `XLA_CPU_RUNTIME`), unless the user's `XLA_FLAGS` choose one.
 """
 
 from __future__ import annotations
