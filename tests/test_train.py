@@ -854,9 +854,19 @@ def test_recu_and_biper_resume_exactly_and_evaluate(
     run_killed_at_epoch(1, monkeypatch, *common, "--name", "crashed")
     assert run_cli(*common, "--name", "crashed", "--resume") == 0
     straight, resumed = history(str(tmp_path / "straight")), history(str(tmp_path / "crashed"))
-    assert resumed == straight
     m = read_metrics(str(tmp_path / "straight"))
     assert m["weights_sha256"] == read_metrics(str(tmp_path / "crashed"))["weights_sha256"]
+    # Every logged value as written, except BiPer's logged loss, which is not
+    # bit-reproducible between two fresh runs in one process: CI saw 3.573751449584961
+    # vs 3.5737509727478027 in epoch 0, before any resume, with bit-identical weights
+    # (the float sum of its regularizer terms; a sum's gradient does not depend on it).
+    loose = {"loss"} if quantizer == "biper" else set()
+    assert [{k: v for k, v in r.items() if k not in loose} for r in resumed] == [
+        {k: v for k, v in r.items() if k not in loose} for r in straight
+    ]
+    for row, want in zip(resumed, straight):
+        for key in loose:
+            assert float(row[key]) == pytest.approx(float(want[key]), rel=1e-6), (key, row)
     if quantizer == "recu":
         taus = [float(r["tau"]) for r in straight]
         assert taus == pytest.approx([Q.recu_tau_at(0, 2), Q.recu_tau_at(1, 2)])
