@@ -84,7 +84,18 @@ BARRIER_TIMEOUT = 7200.0  # s: the chief's final evaluation and export fit in it
 
 
 class BarrierTimeout(RunError):
-    """A worker did not reach a barrier in time (it failed, hangs or was killed)."""
+    """A worker did not reach a barrier in time (it hangs or is slow: `timeout` is the
+    seconds waited) or left before it (`gone`: its process is gone). `at(barrier)`
+    says which for a named barrier; `str()` is the message of the barrier that raised."""
+
+    def __init__(self, message: str = "", *, gone: bool = False, timeout: float | None = None):
+        self.gone, self.timeout = bool(gone), timeout
+        super().__init__(message or self.at("a barrier"))
+
+    def at(self, barrier: str) -> str:
+        if self.gone:
+            return f"left before {barrier} (its process is gone)"
+        return f"did not reach {barrier} within {self.timeout:g} s"
 
 
 def sum_over_workers(strategy, value, timeout: float | None = None):
@@ -109,9 +120,9 @@ def sum_over_workers(strategy, value, timeout: float | None = None):
     try:
         return strategy.experimental_local_results(reduce())[0].numpy()
     except tf.errors.DeadlineExceededError:
-        raise BarrierTimeout(f"did not reach {{}} within {timeout:g} s") from None
+        raise BarrierTimeout(timeout=timeout) from None
     except tf.errors.UnavailableError:  # its process is gone: its port refuses
-        raise BarrierTimeout("left before {} (its process is gone)") from None
+        raise BarrierTimeout(gone=True, timeout=timeout) from None
 
 
 MESSAGE_BYTES = 600  # of a refusal's one line, shared with every worker
@@ -156,8 +167,10 @@ def workers_agree(strategy, error: Exception | None, resume: bool, timeout=BARRI
         if error:
             raise error from None
         raise BarrierTimeout(
-            "a worker " + str(lost).format("the start-of-run barrier") + ": start every "
-            "worker of TF_CONFIG's cluster with the same command"
+            "a worker " + lost.at("the start-of-run barrier") + ": start every "
+            "worker of TF_CONFIG's cluster with the same command",
+            gone=lost.gone,
+            timeout=lost.timeout,
         ) from None
     refusing = [(task, line) for task, code, line in verdicts if code == 0]
     if refusing:
@@ -189,8 +202,10 @@ def finish_together(strategy, error: Exception | None, timeout=BARRIER_TIMEOUT):
         if error:
             raise error
         raise BarrierTimeout(
-            f"{chief} " + str(lost).format("the end-of-run barrier") + ": it failed, hangs or "
-            "was killed during evaluation or export (see its log)"
+            f"{chief} " + lost.at("the end-of-run barrier") + ": it failed, hangs or "
+            "was killed during evaluation or export (see its log)",
+            gone=lost.gone,
+            timeout=lost.timeout,
         ) from None
     if error:
         raise error

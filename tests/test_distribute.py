@@ -106,12 +106,12 @@ def test_end_barrier_stops_the_other_workers_with_the_chiefs_error(monkeypatch):
     "lost, start, end",
     [
         (
-            BarrierTimeout("did not reach {} within 20 s"),
+            BarrierTimeout(timeout=20),
             "a worker did not reach the start-of-run barrier within 20 s: start every worker",
             "worker0 did not reach the end-of-run barrier within 20 s: it failed, hangs or",
         ),
         (
-            BarrierTimeout("left before {} (its process is gone)"),
+            BarrierTimeout(gone=True),
             "a worker left before the start-of-run barrier (its process is gone): start",
             "worker0 left before the end-of-run barrier (its process is gone): it failed",
         ),
@@ -129,6 +129,7 @@ def test_a_worker_lost_at_a_barrier_is_named_and_an_own_error_wins(monkeypatch, 
     with pytest.raises(BarrierTimeout) as at_end:
         distribute.finish_together(None, None, timeout=20)
     assert str(at_end.value).startswith(end)
+    assert (at_end.value.gone, at_start.value.gone) == (lost.gone, lost.gone)
     own = RunError("this worker's own refusal")
     with pytest.raises(RunError, match="own refusal"):
         distribute.workers_agree(None, own, False, timeout=20)
