@@ -7,7 +7,9 @@
     python benchmarks/budget_sweep.py --report ...          # tables and plot only
 
 A variant is an estimator name with optional `train.cifar` settings after commas
-(`flag=value`, flags without their dashes: o_end, mu_start, mu_end, lr, ...). Every
+(`flag=value`, flags without their dashes: o_end, mu_start, mu_end, lr, ...), or
+`biper_two_stage`: BiPer's two stages within the cell's epochs (biper_stage1 for two
+thirds, then biper from its weights; `run_biper_two_stage`). Every
 cell is one `python -m train.cifar` run on Fashion-MNIST (Debian's
 dataset-fashion-mnist): resnet20_1w1a, SGD 0.1, cosine, 1-epoch warm-up, batch 256,
 the first N training images (`--train-limit`), no export (Keras top-1 on the 10,000
@@ -66,6 +68,50 @@ def parse_variant(text, parser):
     return estimator, flags
 
 
+# BiPer's two-stage recipe inside one cell's budget: stage 1 (real-valued sin(omega w),
+# `biper_stage1`) for two thirds of the epochs, then stage 2 (`biper`, the binary
+# network) from its weights (`--init-from`) for the rest, as BiPer's CIFAR-10 scripts
+# split 600 + 300 epochs. Each stage runs the sweep's recipe (its own warm-up and cosine),
+# not BiPer's per-stage learning rates and weight decays.
+TWO_STAGE = "biper_two_stage"
+
+
+def two_stage_epochs(epochs: int) -> tuple[int, int]:
+    """(stage 1, stage 2) epochs of a cell: 2/3 and 1/3, each at least 1."""
+    if epochs < 2:
+        raise SystemExit(f"{TWO_STAGE} needs at least 2 epochs a cell (got {epochs})")
+    first = min(max(1, round(2 * epochs / 3)), epochs - 1)
+    return first, epochs - first
+
+
+def run_biper_two_stage(argv, epochs, name, results_dir):
+    """The cell's run folder `name` is stage 2 (its metrics.json is the cell's);
+    stage 1 is `name`_stage1 beside it."""
+    first, second = two_stage_epochs(epochs)
+    stage1 = f"{name}_stage1"
+    base = list(argv)
+    for flag, value in (
+        ("--quantizer", "biper_stage1"),
+        ("--epochs", str(first)),
+        ("--name", stage1),
+    ):
+        base[base.index(flag) + 1] = value
+    if "--resume" in base:
+        base.remove("--resume")
+    if os.path.isdir(os.path.join(results_dir, stage1, "checkpoint")):
+        base.append("--resume")
+    done = os.path.isfile(os.path.join(results_dir, stage1, "metrics.json"))
+    if not done and cifar.main(base) != 0:
+        raise SystemExit(f"run {stage1} failed")
+    final = list(argv)
+    final[final.index("--quantizer") + 1] = "biper"
+    final[final.index("--epochs") + 1] = str(second)
+    if "--resume" not in final:
+        final += ["--init-from", os.path.join(results_dir, stage1)]
+    if cifar.main(final) != 0:
+        raise SystemExit(f"run {name} failed")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--train-limits", type=int, nargs="+", default=[10_000, 60_000])
@@ -114,7 +160,9 @@ def main(argv=None):
                         if os.path.isdir(os.path.join(run, "checkpoint")):
                             argv.append("--resume")
                         started = time.time()
-                        if cifar.main(argv) != 0:
+                        if estimator == TWO_STAGE:
+                            run_biper_two_stage(argv, epochs, name, args.results_dir)
+                        elif cifar.main(argv) != 0:
                             raise SystemExit(f"run {name} failed")
                         print(f"{name}: {time.time() - started:.0f} s", flush=True)
                     with open(os.path.join(run, "metrics.json")) as f:

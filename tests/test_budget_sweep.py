@@ -21,7 +21,7 @@ def budget_sweep():
 
 def _finished_cell(results_dir, name, top1, frozen, best):
     run = os.path.join(results_dir, name)
-    os.makedirs(run)
+    os.makedirs(run, exist_ok=True)
     per_epoch = [{"epoch": 0, "val_accuracy": top1 / 100, "frozen_fraction": frozen}]
     with open(os.path.join(run, "metrics.json"), "w") as f:
         json.dump({"test_top1": top1, "best_test_top1": best, "per_epoch": per_epoch}, f)
@@ -64,3 +64,47 @@ def test_variant_settings_become_train_cifar_flags(budget_sweep):
     )
     with pytest.raises(SystemExit):
         budget_sweep.parse_variant("reste,o_end", parser)
+
+
+def test_biper_two_stage_cell_runs_stage1_then_stage2_from_it(budget_sweep, tmp_path, monkeypatch):
+    """A `biper_two_stage` cell of 5 epochs: biper_stage1 for 3, then biper for 2 with
+    --init-from the stage-1 run; the cell's metrics are stage 2's; a finished cell is
+    not run again, and an interrupted stage 1 is resumed."""
+    calls = []
+
+    def fake_main(argv):
+        argv = [str(a) for a in argv]
+        calls.append(argv)
+        name = argv[argv.index("--name") + 1]
+        top1 = 70.0 if "biper_stage1" in argv else 80.0
+        _finished_cell(tmp_path, name, top1, 0.0, top1)
+        return 0
+
+    monkeypatch.setattr(budget_sweep.cifar, "main", fake_main)
+    grid = [
+        "--no-plot", "--results-dir", str(tmp_path), "--seeds", "1", "--train-limits", "100",
+        "--epochs", "5", "--variants", "biper_two_stage",
+    ]  # fmt: skip
+    budget_sweep.main(grid)
+    cell = "fashion_mnist_n100_e5_biper_two_stage_s1"
+    assert len(calls) == 2
+    first, second = calls
+    flag = lambda argv, name: argv[argv.index(name) + 1]  # noqa: E731
+    assert (flag(first, "--quantizer"), flag(first, "--epochs")) == ("biper_stage1", "3")
+    assert flag(first, "--name") == f"{cell}_stage1" and "--init-from" not in first
+    assert (flag(second, "--quantizer"), flag(second, "--epochs")) == ("biper", "2")
+    assert flag(second, "--name") == cell
+    assert flag(second, "--init-from") == os.path.join(str(tmp_path), f"{cell}_stage1")
+    budget_sweep.main(grid)
+    assert len(calls) == 2  # finished: nothing runs again
+
+    # Stage 1 interrupted (a checkpoint, no metrics): it resumes, then stage 2 starts.
+    calls.clear()
+    other = "fashion_mnist_n100_e10_biper_two_stage_s1"
+    os.makedirs(os.path.join(tmp_path, f"{other}_stage1", "checkpoint"))
+    budget_sweep.main([*grid[:-4], "--epochs", "10", "--variants", "biper_two_stage"])
+    assert [flag(c, "--epochs") for c in calls] == ["7", "3"]
+    assert "--resume" in calls[0] and "--resume" not in calls[1]
+    assert budget_sweep.two_stage_epochs(2) == (1, 1)
+    with pytest.raises(SystemExit):
+        budget_sweep.two_stage_epochs(1)
