@@ -95,6 +95,8 @@ class BarrierTimeout(RunError):
     def at(self, barrier: str) -> str:
         if self.gone:
             return f"left before {barrier} (its process is gone)"
+        if self.timeout is None:
+            return f"did not reach {barrier} in time"
         return f"did not reach {barrier} within {self.timeout:g} s"
 
 

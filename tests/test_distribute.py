@@ -130,6 +130,14 @@ def test_a_worker_lost_at_a_barrier_is_named_and_an_own_error_wins(monkeypatch, 
         distribute.finish_together(None, None, timeout=20)
     assert str(at_end.value).startswith(end)
     assert (at_end.value.gone, at_start.value.gone) == (lost.gone, lost.gone)
+
+
+def test_barrier_timeout_says_what_happened_at_which_barrier():
+    assert str(BarrierTimeout(timeout=2.5)) == "did not reach a barrier within 2.5 s"
+    assert str(BarrierTimeout()) == "did not reach a barrier in time"
+    gone = BarrierTimeout(gone=True)
+    assert gone.at("the end") == "left before the end (its process is gone)"
+    assert str(BarrierTimeout("custom", timeout=3)) == "custom"
     own = RunError("this worker's own refusal")
     with pytest.raises(RunError, match="own refusal"):
         distribute.workers_agree(None, own, False, timeout=20)
