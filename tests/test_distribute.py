@@ -131,6 +131,12 @@ def test_a_worker_lost_at_a_barrier_is_named_and_an_own_error_wins(monkeypatch, 
     assert str(at_end.value).startswith(end)
     assert (at_end.value.gone, at_start.value.gone) == (lost.gone, lost.gone)
 
+    own = RunError("this worker's own refusal")
+    with pytest.raises(RunError, match="own refusal"):
+        distribute.workers_agree(None, own, False, timeout=20)
+    with pytest.raises(RunError, match="own refusal"):
+        distribute.finish_together(None, own, timeout=20)
+
 
 def test_barrier_timeout_says_what_happened_at_which_barrier():
     assert str(BarrierTimeout(timeout=2.5)) == "did not reach a barrier within 2.5 s"
@@ -138,11 +144,6 @@ def test_barrier_timeout_says_what_happened_at_which_barrier():
     gone = BarrierTimeout(gone=True)
     assert gone.at("the end") == "left before the end (its process is gone)"
     assert str(BarrierTimeout("custom", timeout=3)) == "custom"
-    own = RunError("this worker's own refusal")
-    with pytest.raises(RunError, match="own refusal"):
-        distribute.workers_agree(None, own, False, timeout=20)
-    with pytest.raises(RunError, match="own refusal"):
-        distribute.finish_together(None, own, timeout=20)
 
 
 def test_one_process_exchanges_through_a_real_all_reduce(monkeypatch):
