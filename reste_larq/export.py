@@ -194,11 +194,15 @@ def tflite_predictions(
     progress: bool = False,
 ):
     """(logits, labels) of the converted model over a batched (image, label) dataset,
-    with LCE's interpreter on `num_threads` threads (default: every core), for the
+    with LCE's interpreter on `num_threads` threads (default 1), for the
     first `limit` images (default: all). `progress`: a Keras progress bar with the
     images done and images/s, on stderr (stdout stays the caller's: the CLI's metrics
     JSON)."""
-    it = interpreter(flatbuffer, num_threads or os.cpu_count() or 1)
+    # One thread by default: on an idle 2-core machine two were no faster (260.6 against
+    # 254.9 img/s), and beside other busy processes one was 4.4x faster (80.2 against
+    # 18.4; TFLite's worker threads spin while they wait, the likely cause)
+    # (benchmarks/tflite_eval.py; docs/results.md).
+    it = interpreter(flatbuffer, num_threads or 1)
     if limit:
         dataset = dataset.unbatch().take(limit).batch(64)
     batches = int(dataset.cardinality())
