@@ -94,6 +94,7 @@ def run_biper_two_stage(argv, epochs, name, results_dir):
         ("--quantizer", "biper_stage1"),
         ("--epochs", str(first)),
         ("--name", stage1),
+        ("--warmup", str(min(1, first - 1))),  # a 1-epoch stage has no room to warm up
     ):
         base[base.index(flag) + 1] = value
     if "--resume" in base:
@@ -106,6 +107,7 @@ def run_biper_two_stage(argv, epochs, name, results_dir):
     final = list(argv)
     final[final.index("--quantizer") + 1] = "biper"
     final[final.index("--epochs") + 1] = str(second)
+    final[final.index("--warmup") + 1] = str(min(1, second - 1))
     if "--resume" not in final:
         final += ["--init-from", os.path.join(results_dir, stage1)]
     if cifar.main(final) != 0:

@@ -105,6 +105,10 @@ def test_biper_two_stage_cell_runs_stage1_then_stage2_from_it(budget_sweep, tmp_
     budget_sweep.main([*grid[:-4], "--epochs", "10", "--variants", "biper_two_stage"])
     assert [flag(c, "--epochs") for c in calls] == ["7", "3"]
     assert "--resume" in calls[0] and "--resume" not in calls[1]
+    assert [flag(c, "--warmup") for c in calls] == ["1", "1"]
+    calls.clear()  # a 2-epoch cell: two 1-epoch stages, neither warms up (no room)
+    budget_sweep.main([*grid[:-4], "--epochs", "2", "--variants", "biper_two_stage"])
+    assert [(flag(c, "--epochs"), flag(c, "--warmup")) for c in calls] == [("1", "0")] * 2
     assert budget_sweep.two_stage_epochs(2) == (1, 1)
     with pytest.raises(SystemExit):
         budget_sweep.two_stage_epochs(1)
