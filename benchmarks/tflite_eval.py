@@ -26,7 +26,7 @@ are the time an evaluation takes here, not a deployment speed.
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import os
 import random
 import statistics
@@ -37,7 +37,9 @@ import reste_larq  # noqa: E402,F401  (first: TensorFlow with Keras 2 as tf.kera
 # isort: split
 import numpy as np  # noqa: E402
 
-from reste_larq import data as data_lib  # noqa: E402
+from reste_larq import experiment  # noqa: E402
+from reste_larq.config import RunConfig  # noqa: E402
+from reste_larq.rundir import RunFolder  # noqa: E402
 
 OPTIONS = {
     "xnnpack": "use_xnnpack",
@@ -63,24 +65,19 @@ def parse_setting(name: str) -> dict:
 
 
 def load_images(tflite_path: str, limit: int, data_dir: str | None):
-    args_path = os.path.join(os.path.dirname(os.path.abspath(tflite_path)), "args.json")
-    dataset, mean_std = "fashion_mnist", "dataset"
-    if os.path.exists(args_path):
-        with open(args_path) as f:
-            saved = json.load(f)
-        saved = saved.get("args", saved)
-        dataset, mean_std = saved.get("dataset", dataset), saved.get("mean_std", mean_std)
-        data_dir = data_dir or saved.get("data_dir")
-    info = data_lib.with_mean_std(data_lib.info(dataset), mean_std)
-    images, labels = data_lib.load_arrays(dataset, "test", data_dir, download=False)
-    images, labels = images[:limit], np.asarray(labels[:limit]).reshape(-1)
-    normalized = np.concatenate(
-        [
-            np.asarray(x)
-            for x, _ in data_lib.eval_dataset(images, labels, info, 256).as_numpy_iterator()
-        ]
+    """The first `limit` test images as the CLI evaluates them (`experiment.
+    small_image_data`), with the run's settings where `args.json` is beside the file."""
+    folder = RunFolder(os.path.dirname(os.path.abspath(tflite_path)))
+    if os.path.isfile(folder.file("args.json")):
+        config = folder.saved_config()
+    else:
+        config = RunConfig(dataset="fashion_mnist")
+    config = dataclasses.replace(
+        config, test_limit=limit, download=False, data_dir=data_dir or config.data_dir
     )
-    return dataset, normalized.astype(np.float32), labels
+    batches = list(experiment.small_image_data(config, train=False).eval_ds.as_numpy_iterator())
+    images = np.concatenate([x for x, _ in batches]).astype(np.float32)
+    return config.dataset, images, np.concatenate([y for _, y in batches]).reshape(-1)
 
 
 def main(argv=None):
