@@ -124,7 +124,7 @@ def main(argv=None):
     p.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # for --pythons
     args = p.parse_args(argv)
     if args.pythons or args.xla_cpu_runtimes:
-        return compare_pythons(args, argv if argv is not None else sys.argv[1:])
+        return compare_environments(args, argv if argv is not None else sys.argv[1:])
 
     rng = np.random.default_rng(args.seed)
     images = rng.standard_normal((args.batch_size * args.steps, 32, 32, 3), dtype=np.float32)
@@ -170,7 +170,7 @@ def main(argv=None):
     return medians
 
 
-def compare_pythons(args, argv):
+def compare_environments(args, argv):
     """--pythons / --xla-cpu-runtimes: one fresh process per environment and round, in a
     shuffled order."""
     skip = {
@@ -220,19 +220,19 @@ def compare_pythons(args, argv):
         f"{'environment':<28}{'TF':>8} {'estimator':<16}{'median img/s':>14}{'min':>10}{'max':>10}"
     )
     medians = {}
-    for python in list(envs):
+    for label in envs:
         for name in args.estimators:
-            r = rates[python][name]
-            medians[python, name] = statistics.median(r)
+            r = rates[label][name]
+            medians[label, name] = statistics.median(r)
             print(
-                f"{python:<28}{versions[python]:>8} {name:<16}{medians[python, name]:>14.1f}"
+                f"{label:<28}{versions[label]:>8} {name:<16}{medians[label, name]:>14.1f}"
                 f"{min(r):>10.1f}{max(r):>10.1f}"
             )
-    first = list(envs)[0]
-    for python in list(envs)[1:]:
+    first, *others = envs
+    for label in others:
         for name in args.estimators:
-            ratio = medians[python, name] / medians[first, name]
-            print(f"{name}: {python} / {first} throughput ratio: {ratio:.2f}")
+            ratio = medians[label, name] / medians[first, name]
+            print(f"{name}: {label} / {first} throughput ratio: {ratio:.2f}")
     return medians
 
 
