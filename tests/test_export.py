@@ -111,11 +111,17 @@ def test_cli_export_packed_and_evaluate_it(tmp_path, capsys):
     assert printed["test_top1"] == m["test_top1"] and printed["test_top5"] == m["test_top5"]
 
 
-def test_tflite_predictions_show_progress_with_images_per_second(capsys):
+@pytest.fixture(scope="module")
+def tiny_tflite():
+    """(model, its flatbuffer): one conversion for the tests of the evaluation loop."""
+    model = tiny_binary_model()
+    return model, export.convert(model)
+
+
+def test_tflite_predictions_show_progress_with_images_per_second(capsys, tiny_tflite):
     import tensorflow as tf
 
-    model = tiny_binary_model()
-    flatbuffer = export.convert(model)
+    model, flatbuffer = tiny_tflite
     images = np.random.default_rng(0).standard_normal((10, 6, 6, 2)).astype(np.float32)
     dataset = tf.data.Dataset.from_tensor_slices((images, np.arange(10) % 3)).batch(4)
     capsys.readouterr()
@@ -129,11 +135,11 @@ def test_tflite_predictions_show_progress_with_images_per_second(capsys):
     assert capsys.readouterr() == ("", "")
 
 
-def test_tflite_predictions_use_one_interpreter_thread_unless_told(monkeypatch):
+def test_tflite_predictions_use_one_interpreter_thread_unless_told(monkeypatch, tiny_tflite):
     """One thread by default: as fast idle, ~4x faster on a busy machine (docs/results.md)."""
     import tensorflow as tf
 
-    flatbuffer = export.convert(tiny_binary_model())
+    _, flatbuffer = tiny_tflite
     images = np.zeros((3, 6, 6, 2), np.float32)
     dataset = tf.data.Dataset.from_tensor_slices((images, np.zeros(3))).batch(3)
     asked, real = [], export.interpreter
