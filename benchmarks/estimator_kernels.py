@@ -5,11 +5,15 @@ the ReSTE/BNN++ speed-ups.
 
 Times d(loss)/dx = dy * q'(x) for a 128x32x32x16 float32 tensor (the largest binary
 activation of resnet20_1w1a at batch 128), interleaved, median of --repeats:
-- ste_sign (Larq): where(|x| <= 1, dy, 0), unfused TF ops;
+- ste_sign (Larq): where(|x| <= 1, dy, 0), unfused TF ops; the same as an XLA kernel;
+  and the mask product dy * (|x| <= 1) in TF ops (shipped for the STE's activations in
+  `OnePaddedQuantConv2D`: `reste_larq.quantizers.ste_sign_shifted`);
 - reste, pow form (the first implementation): tf.pow, which has no vectorized CPU kernel;
 - reste, exp/log form, unfused TF ops;
 - reste, shipped: exp/log form fused by XLA (`reste_larq.quantizers._reste_backward`);
-- bnn+ (Larq's swish_sign backward) and bnnpp/bnn+ shipped (XLA-fused SignSwish derivative).
+- bnn+ (Larq's swish_sign backward) and bnnpp/bnn+ shipped (XLA-fused SignSwish derivative);
+- and three forward passes ("fwd"): `larq.math.sign` (three TF ops), sign(x) - 1 as TF
+  ops, and sign(x) - 1 as one XLA kernel (shipped: `OnePaddedQuantConv2D`'s shifted input).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import time
 import reste_larq  # noqa: E402,F401  (first: TensorFlow with Keras 2 as tf.keras)
 
 # isort: split
+import larq as lq  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
@@ -30,6 +35,11 @@ from reste_larq import quantizers as Q  # noqa: E402
 
 def ste_backward(x, dy):
     return tf.where(tf.abs(x) <= 1.0, dy, tf.zeros_like(dy))
+
+
+@tf.function(jit_compile=True)
+def ste_backward_xla(x, dy):
+    return ste_backward(x, dy)
 
 
 def reste_backward_pow(x, dy, o, t=1.5, interval=0.1):
@@ -62,12 +72,22 @@ def main(argv=None):
     o, mu = tf.constant(2.0), tf.constant(5.0)
     variants = {
         "ste_sign backward (Larq)": tf.function(lambda: ste_backward(x, dy)),
+        "ste_sign, XLA": tf.function(lambda: ste_backward_xla(x, dy)),
+        "ste_sign, mask product (shipped)": tf.function(lambda: Q._ste_backward(x, dy, 1.0)),
         "reste, tf.pow (before)": tf.function(lambda: reste_backward_pow(x, dy, o)),
         "reste, exp/log unfused": tf.function(lambda: reste_backward_unfused(x, dy, o)),
         "reste, exp/log XLA (shipped)": tf.function(lambda: Q._reste_backward(x, dy, o, 1.5, 0.1)),
         "swish_sign backward (Larq)": tf.function(lambda: larq_swish_backward(x, dy)),
         "signswish XLA (bnnpp, bnn+)": tf.function(lambda: Q._signswish_backward(x, dy, mu)),
+        "fwd: larq.math.sign": tf.function(lambda: lq.math.sign(x)),
+        "fwd: sign - 1, TF ops": tf.function(lambda: lq.math.sign(x) - 1.0),
+        "fwd: sign - 1, XLA (shipped)": tf.function(lambda: Q._sign_minus(x, 1.0)),
     }
+    for a, b in (
+        ("ste_sign backward (Larq)", "ste_sign, mask product (shipped)"),
+        ("fwd: sign - 1, TF ops", "fwd: sign - 1, XLA (shipped)"),
+    ):
+        np.testing.assert_array_equal(variants[a]().numpy(), variants[b]().numpy())
     np.testing.assert_allclose(
         variants["reste, tf.pow (before)"]().numpy(),
         variants["reste, exp/log XLA (shipped)"]().numpy(),
