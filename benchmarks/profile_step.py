@@ -10,9 +10,10 @@ compiled as the CLI compiles it, warmed up (tracing excluded), then `--steps` ba
 of one `fit` are profiled. The trace (`*.xplane.pb`, readable by TensorBoard's profile
 plugin) is parsed here: every op the executor ran on the CPU is `node:Type`; its time
 is summed per type and divided by the steps. Ops run on two inter-op threads at once,
-so the column total is op time, more than wall time. Ops inside an XLA cluster
-(`_XlaRun`) count as that one op. The last column is the first variant minus the last
-(e.g. reste - float): the binary model's extra time per step, op type by op type.
+so the column total is op time, more than wall time. XLA-compiled functions are one
+row: their events on XLA's threads (thunk runtime) or their async launches (legacy
+runtime). The last column is the first variant minus the last (e.g. reste - float):
+the binary model's extra time per step, op type by op type.
 Synthetic 32x32x3 inputs, tf.data autotuning off (see train_throughput.py).
 """
 
@@ -53,8 +54,9 @@ def op_type_times(xplane_path: str) -> collections.Counter:
         names = plane.event_metadata
         for line in plane.lines:
             if line.name.startswith("host_executor"):
-                # XLA-compiled functions (the estimators' jit backward) run here; their
-                # calls nest fusions inside: count each outermost event once.
+                # XLA-compiled functions (the estimators' jit backward) run here under
+                # XLA's thunk runtime; their calls nest fusions inside: count each
+                # outermost event once.
                 end = -1
                 for event in sorted(line.events, key=lambda e: e.offset_ps):
                     if event.offset_ps >= end:
@@ -65,6 +67,13 @@ def op_type_times(xplane_path: str) -> collections.Counter:
                 continue
             for event in line.events:
                 name = names[event.metadata_id].name
+                if name == "ExecutorState::ProcessAsync::Start":
+                    # Async kernels: the XLA-compiled functions under XLA's legacy CPU
+                    # runtime (what `import reste_larq` selects on TF 2.19), which run
+                    # inside this event and log no op event of their own; otherwise the
+                    # input pipeline's IteratorGetNext (~0.01 ms per step here).
+                    totals["async ops (XLA functions, legacy runtime)"] += event.duration_ps
+                    continue
                 if ":" not in name or name.startswith(_NOT_OPS):
                     continue
                 totals[name.rsplit(":", 1)[1]] += event.duration_ps
