@@ -12,6 +12,8 @@ activation of resnet20_1w1a at batch 128), interleaved, median of --repeats:
 - reste, exp/log form, unfused TF ops;
 - reste, shipped: exp/log form fused by XLA (`reste_larq.quantizers._reste_backward`);
 - bnn+ (Larq's swish_sign backward) and bnnpp/bnn+ shipped (XLA-fused SignSwish derivative);
+- the plain product x * dy as a TensorFlow `Mul` and as an XLA function: what XLA's
+  elementwise kernels cost here where there is no arithmetic to fuse;
 - and three forward passes ("fwd"): `larq.math.sign` (three TF ops), sign(x) - 1 as TF
   ops, and sign(x) - 1 as one XLA kernel (shipped: `OnePaddedQuantConv2D`'s shifted input).
 """
@@ -40,6 +42,11 @@ def ste_backward(x, dy):
 @tf.function(jit_compile=True)
 def ste_backward_xla(x, dy):
     return ste_backward(x, dy)
+
+
+@tf.function(jit_compile=True)
+def product_xla(x, dy):
+    return x * dy
 
 
 def reste_backward_pow(x, dy, o, t=1.5, interval=0.1):
@@ -79,6 +86,8 @@ def main(argv=None):
         "reste, exp/log XLA (shipped)": tf.function(lambda: Q._reste_backward(x, dy, o, 1.5, 0.1)),
         "swish_sign backward (Larq)": tf.function(lambda: larq_swish_backward(x, dy)),
         "signswish XLA (bnnpp, bnn+)": tf.function(lambda: Q._signswish_backward(x, dy, mu)),
+        "x * dy, TF Mul (reference)": tf.function(lambda: x * dy),
+        "x * dy, XLA (reference)": tf.function(lambda: product_xla(x, dy)),
         "fwd: larq.math.sign": tf.function(lambda: lq.math.sign(x)),
         "fwd: sign - 1, TF ops": tf.function(lambda: lq.math.sign(x) - 1.0),
         "fwd: sign - 1, XLA (shipped)": tf.function(lambda: Q._sign_minus(x, 1.0)),
