@@ -6,16 +6,16 @@ the ReSTE/BNN++ speed-ups.
 Times d(loss)/dx = dy * q'(x) for a 128x32x32x16 float32 tensor (the largest binary
 activation of resnet20_1w1a at batch 128), interleaved, median of --repeats:
 - ste_sign (Larq): where(|x| <= 1, dy, 0), unfused TF ops; the same as an XLA kernel;
-  and the mask product dy * (|x| <= 1) in TF ops (shipped for the STE's activations in
-  `OnePaddedQuantConv2D`: `reste_larq.quantizers.ste_sign_shifted`);
+  and the mask product dy * (|x| <= 1) in TF ops (a candidate, not shipped);
 - reste, pow form (the first implementation): tf.pow, which has no vectorized CPU kernel;
 - reste, exp/log form, unfused TF ops;
 - reste, shipped: exp/log form fused by XLA (`reste_larq.quantizers._reste_backward`);
 - bnn+ (Larq's swish_sign backward) and bnnpp/bnn+ shipped (XLA-fused SignSwish derivative);
 - the plain product x * dy as a TensorFlow `Mul` and as an XLA function: what XLA's
   elementwise kernels cost here where there is no arithmetic to fuse;
-- and three forward passes ("fwd"): `larq.math.sign` (three TF ops), sign(x) - 1 as TF
-  ops, and sign(x) - 1 as one XLA kernel (shipped: `OnePaddedQuantConv2D`'s shifted input).
+- and three forward passes ("fwd"): `larq.math.sign` (three TF ops, shipped), and the
+  candidates sign(x) - 1 as TF ops and as one XLA kernel (a shifted one-padded conv's
+  input; tried and reverted, docs/results.md).
 """
 
 from __future__ import annotations
@@ -49,6 +49,15 @@ def product_xla(x, dy):
     return x * dy
 
 
+def ste_backward_mask_product(x, dy):
+    return dy * tf.cast(tf.abs(x) <= 1.0, dy.dtype)
+
+
+@tf.function(jit_compile=True)
+def sign_minus_one_xla(x):
+    return lq.math.sign(x) - 1.0
+
+
 def reste_backward_pow(x, dy, o, t=1.5, interval=0.1):
     ax = tf.abs(x)
     exponent = (1.0 - o) / o
@@ -80,7 +89,7 @@ def main(argv=None):
     variants = {
         "ste_sign backward (Larq)": tf.function(lambda: ste_backward(x, dy)),
         "ste_sign, XLA": tf.function(lambda: ste_backward_xla(x, dy)),
-        "ste_sign, mask product (shipped)": tf.function(lambda: Q._ste_backward(x, dy, 1.0)),
+        "ste_sign, mask product": tf.function(lambda: ste_backward_mask_product(x, dy)),
         "reste, tf.pow (before)": tf.function(lambda: reste_backward_pow(x, dy, o)),
         "reste, exp/log unfused": tf.function(lambda: reste_backward_unfused(x, dy, o)),
         "reste, exp/log XLA (shipped)": tf.function(lambda: Q._reste_backward(x, dy, o, 1.5, 0.1)),
@@ -90,11 +99,11 @@ def main(argv=None):
         "x * dy, XLA (reference)": tf.function(lambda: product_xla(x, dy)),
         "fwd: larq.math.sign": tf.function(lambda: lq.math.sign(x)),
         "fwd: sign - 1, TF ops": tf.function(lambda: lq.math.sign(x) - 1.0),
-        "fwd: sign - 1, XLA (shipped)": tf.function(lambda: Q._sign_minus(x, 1.0)),
+        "fwd: sign - 1, XLA": tf.function(lambda: sign_minus_one_xla(x)),
     }
     for a, b in (
-        ("ste_sign backward (Larq)", "ste_sign, mask product (shipped)"),
-        ("fwd: sign - 1, TF ops", "fwd: sign - 1, XLA (shipped)"),
+        ("ste_sign backward (Larq)", "ste_sign, mask product"),
+        ("fwd: sign - 1, TF ops", "fwd: sign - 1, XLA"),
     ):
         np.testing.assert_array_equal(variants[a]().numpy(), variants[b]().numpy())
     np.testing.assert_allclose(

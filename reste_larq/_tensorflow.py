@@ -33,8 +33,8 @@ import threading
 
 LEGACY_KERAS = "TF_USE_LEGACY_KERAS"
 XLA_FLAGS = "XLA_FLAGS"
-# XLA's CPU runtime. The estimators' backward passes (and the one-padded convs' forward
-# signs) are small XLA functions inside TensorFlow's graph. XLA's newer "thunk" runtime,
+# XLA's CPU runtime. The estimators' backward passes (and the one-padded convs' border
+# sums) are small XLA functions inside TensorFlow's graph. XLA's newer "thunk" runtime,
 # the default in TensorFlow 2.19, ran them up to half as fast as the previous one on
 # this project's 2-core machine, and ReSTE's whole training step 6 % slower
 # (benchmarks/train_throughput.py --xla-cpu-runtimes; docs/stack.md). The flag does

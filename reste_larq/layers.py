@@ -7,29 +7,29 @@ an input gradient computed for the padded border as well. Measured by
 `benchmarks/profile_step.py` on resnet20_1w1a (batch 128, TF 2.19.1, 2 cores): those
 three were ~57 of the 74 ms of op time per step by which ReSTE trailed its float twin.
 
-Padding is linear. Shift the input by the pad value c: the padded copy of x - c has 0
-on its border, which is what a zero-padded ("same") convolution reads, and the shift
-comes back as a constant, c times the sum of every tap of the kernel, at every output:
+Padding is linear, so with B the padded border of an all-zero image (c on the border,
+0 inside):
 
 \\[
-\mathrm{conv}_{valid}(\mathrm{pad}_c(x), k) = \mathrm{conv}_{same}(x - c, k)
-  + c \sum_{i, j, l} k_{i j l}
+\mathrm{conv}_{valid}(\mathrm{pad}_c(x), k) = \mathrm{conv}_{same}(x, k)
+  + \mathrm{conv}_{valid}(B, k)
 \\]
 
 The first term is a zero-padded convolution (oneDNN pads inside the kernel, nothing is
-copied); the second is one bias per filter, which TensorFlow fuses into the convolution
-(`_FusedConv2D`), with `BiasAddGrad` as its gradient. The subtraction costs no pass of
-its own for the quantizers this library fuses: `reste_larq.quantizers.quantize_shifted`
-computes sign(x) - c in the quantizer's forward kernel (ReSTE, BNN++, ReCU and BiPer's
-activations, Larq's `ste_sign`); any other input quantizer runs as itself, then the
-shift is subtracted.
+copied). The second does not depend on the batch, and B holds the same c in every
+channel, so it is nonzero only on the output's border rows and columns, where it is a
+small matmul: `taps @ sum over input channels of k` (`border_taps`). Its gradient needs
+the batch sum of the output gradient on those strips alone (`_border_sums`, one XLA
+reduction), not a sum over the whole output.
 
 While training, `OnePaddedQuantConv2D` computes this form. At inference
 (`training=False`, what `reste_larq.export.convert` traces) it is Larq's layer unchanged,
 the graph LCE turns into one `LceBconv2d` with one-padding. The two forms add the same
 products in another order: outputs and gradients agree to float rounding (a few ulps),
-not bit for bit. Measured by `benchmarks/train_throughput.py` (docs/results.md,
-"Training cost of the estimators").
+not bit for bit. `python benchmarks/train_throughput.py --estimators reste
+reste+padcopy float` (resnet20_1w1a, batch 128, 5 interleaved rounds, TF 2.19.1, 2
+cores): reste 550.5 img/s with this layer, 485.4 with Larq's padded copy, float twin
+689.2.
 
 ```python
 layer = OnePaddedQuantConv2D(64, 3, padding="same", pad_values=1.0,
@@ -40,10 +40,51 @@ layer = OnePaddedQuantConv2D(64, 3, padding="same", pad_values=1.0,
 from __future__ import annotations
 
 import larq as lq
+import numpy as np
 import tensorflow as tf
 from larq import utils as lq_utils
 
-from reste_larq.quantizers import quantize_shifted
+
+def _run_lengths(touch):
+    """(leading, trailing) counts of True in a 1-D mask that is True only at its ends."""
+    lead = int(np.argmin(touch)) if not touch.all() else len(touch)
+    trail = int(np.argmin(touch[::-1])) if not touch.all() else 0
+    assert touch[:lead].all() and touch[len(touch) - trail :].all()
+    assert not touch[lead : len(touch) - trail].any()
+    return lead, trail
+
+
+def border_taps(input_hw, kernel_hw, strides, dilations, padding, value):
+    """The border of a constant-padded conv's output, as numpy arrays.
+
+    Returns (strips, positions, taps, (ho, wo)): strips = (top, bottom, left, right), the
+    output rows and columns that read any padding (a 'same' conv's border); positions
+    are their output positions (flattened h * wo) in strip order (the top rows, the
+    bottom rows, then the left and right columns between them); `taps[n, i * kw + j]` is
+    the pad value that tap (i, j) of `positions[n]` reads, 0 where it reads the image."""
+    (h, w), (kh, kw) = input_hw, kernel_hw
+    (top, bottom), (left, right) = padding
+    ho = (h + top + bottom - (kh - 1) * dilations[0] - 1) // strides[0] + 1
+    wo = (w + left + right - (kw - 1) * dilations[1] - 1) // strides[1] + 1
+    rows = np.arange(ho)[:, None] * strides[0] + np.arange(kh)[None, :] * dilations[0] - top
+    cols = np.arange(wo)[:, None] * strides[1] + np.arange(kw)[None, :] * dilations[1] - left
+    outside_r = (rows < 0) | (rows >= h)  # [ho, kh]
+    outside_c = (cols < 0) | (cols >= w)  # [wo, kw]
+    rt, rb = _run_lengths(outside_r.any(axis=1))
+    cl, cr = _run_lengths(outside_c.any(axis=1))
+    grid = np.arange(ho * wo).reshape(ho, wo)
+    middle = grid[rt : ho - rb]
+    positions = np.concatenate(
+        [
+            grid[:rt].ravel(),
+            grid[ho - rb :].ravel(),
+            middle[:, :cl].ravel(),
+            middle[:, wo - cr :].ravel(),
+        ]
+    ).astype(np.int64)
+    outside = outside_r[:, None, :, None] | outside_c[None, :, None, :]  # [ho, wo, kh, kw]
+    taps = outside.reshape(ho * wo, kh * kw)[positions].astype(np.float32) * value
+    return (rt, rb, cl, cr), positions, taps, (ho, wo)
 
 
 @lq_utils.register_keras_custom_object
@@ -70,10 +111,9 @@ class OnePaddedQuantConv2D(lq.layers.QuantConv2D):
         )
 
     def call(self, inputs, training=None):
-        if not self._decomposed(training):
+        if not self._decomposed(training) or not inputs.shape[1:].is_fully_defined():
             return super().call(inputs)
-        shift = float(self.pad_values)
-        x = quantize_shifted(self.input_quantizer, inputs, shift)
+        x = self.input_quantizer(inputs) if self.input_quantizer else inputs
         with lq.context.quantized_scope(True):
             kernel = tf.convert_to_tensor(self.kernel)  # the kernel quantizer runs once
         outputs = tf.nn.convolution(
@@ -84,31 +124,52 @@ class OnePaddedQuantConv2D(lq.layers.QuantConv2D):
             dilations=list(self.dilation_rate),
             data_format="NHWC",
         )
-        # float32 sum: under mixed bfloat16 a sum of hundreds of taps would lose bits
-        taps = tf.reduce_sum(tf.cast(kernel, tf.float32), axis=[0, 1, 2])
-        return _bias_add(outputs, shift * taps)
+        padding = [tuple(p) for p in self._get_padding_same(x)[1:3]]
+        strips, positions, taps, (ho, wo) = border_taps(
+            x.shape[1:3],
+            self.kernel_size,
+            self.strides,
+            self.dilation_rate,
+            padding,
+            float(self.pad_values),
+        )
+        if not len(positions):
+            return outputs
+        # The border term conv_valid(B, k): B is the same value c in every channel, so
+        # each border output is taps @ (k summed over input channels).
+        summed = tf.reshape(tf.reduce_sum(kernel, axis=2), [-1, self.filters])
+        border = tf.matmul(tf.constant(taps, kernel.dtype), summed)  # [positions, filters]
+        return _add_at_border(outputs, border, positions, strips)
 
 
 @tf.function(jit_compile=True)
-def _batch_sums(dy):
-    return tf.reduce_sum(tf.cast(dy, tf.float32), axis=[0, 1, 2])
+def _border_sums(dy, strips):
+    # XLA reads the border strips inside the reduction; as TensorFlow ops, the strided
+    # slices copied them first and cost as much as the sum they saved.
+    rt, rb, cl, cr = strips
+    _, ho, wo, filters = dy.shape
+    middle = dy[:, rt : ho - rb]
+    parts = [dy[:, :rt], dy[:, ho - rb :], middle[:, :, :cl], middle[:, :, wo - cr :]]
+    # float32 sums: a batch of bfloat16 gradients summed in bfloat16 would lose bits
+    sums = [tf.reshape(tf.reduce_sum(tf.cast(p, tf.float32), 0), [-1, filters]) for p in parts]
+    return tf.cast(tf.concat(sums, axis=0), dy.dtype)
 
 
-def _bias_add(outputs, bias):
-    """outputs + bias (float32, one per channel). In float32 it is `tf.nn.bias_add`,
-    which TensorFlow fuses into the convolution before it. In half precision the bias's
-    gradient sums the output gradient in float32: with TensorFlow's bfloat16
-    `BiasAddGrad` the kernel gradient, in which this sum cancels much of the shifted
-    convolution's, fell outside the 2 % (of its largest value) of Larq's layer that
-    tests/test_layers.py allows in bfloat16."""
-    if outputs.dtype == tf.float32:
-        return tf.nn.bias_add(outputs, bias)
+def _add_at_border(outputs, values, positions, strips):
+    """outputs + values scattered to the border `positions` of every image. The gradient
+    for `values` sums the batch over the border strips only (`_border_sums`): Keras'
+    broadcast add would sum the whole output over the batch, a full pass per layer."""
+    _, ho, wo, filters = outputs.shape
+    index = tf.constant(positions[:, None])
 
     @tf.custom_gradient
-    def add(outputs, bias):
+    def add(outputs, values):
+        dense = tf.scatter_nd(index, values, [ho * wo, filters])
+        result = outputs + tf.reshape(dense, [1, ho, wo, filters])
+
         def grad(dy):
-            return dy, _batch_sums(dy)
+            return dy, _border_sums(dy, strips)
 
-        return tf.nn.bias_add(outputs, tf.cast(bias, outputs.dtype)), grad
+        return result, grad
 
-    return add(outputs, bias)
+    return add(outputs, values)

@@ -63,7 +63,6 @@ __all__ = [
     "bnnpp_sign",
     "estimator_quantizers",
     "estimators",
-    "quantize_shifted",
     "reste_equivalent_forward",
     "reste_gradient",
     "recu_activation_sign",
@@ -73,7 +72,6 @@ __all__ = [
     "reste_sign",
     "signswish",
     "signswish_gradient",
-    "ste_sign_shifted",
     "wrn_sign",
 ]
 
@@ -122,24 +120,8 @@ def _reste_backward(x, dy, o, t, interval):
     return dy * tf.cast(reste_gradient(x, o, t, interval), dy.dtype)
 
 
-@tf.function(jit_compile=True)
-def _sign_minus(x, shift):
-    # One fused pass: TensorFlow runs larq.math.sign as three (Sign, AddV2, Sign), each
-    # a full read and write of the activations.
-    return lq.math.sign(x) - tf.cast(shift, x.dtype)
-
-
-def _sign_forward(x, shift):
-    """larq.math.sign(x) - shift. `shift=None` is Larq's ops unchanged (the graph LCE's
-    converter recognizes); a number is one XLA kernel, for training
-    (`OnePaddedQuantConv2D` subtracts the pad value there)."""
-    return lq.math.sign(x) if shift is None else _sign_minus(x, float(shift))
-
-
-def reste_sign(x, o=1.0, t=1.5, interval=0.1, shift=None):
-    """sign(x) forward (`larq.math.sign`), ReSTE backward (`reste_gradient`).
-
-    `shift`: return sign(x) - shift, computed in one fused pass (see `quantize_shifted`)."""
+def reste_sign(x, o=1.0, t=1.5, interval=0.1):
+    """sign(x) forward (`larq.math.sign`), ReSTE backward (`reste_gradient`)."""
     o = tf.convert_to_tensor(o, tf.float32)
 
     @tf.custom_gradient
@@ -147,7 +129,7 @@ def reste_sign(x, o=1.0, t=1.5, interval=0.1, shift=None):
         def grad(dy):
             return _reste_backward(x, dy, o, float(t), float(interval))
 
-        return _sign_forward(x, shift), grad
+        return lq.math.sign(x), grad
 
     return _call(x)
 
@@ -188,8 +170,8 @@ def signswish_gradient(x, mu):
 
 
 @tf.function(jit_compile=True)
-def _signswish_forward(x, mu, shift=0.0):
-    return signswish(x, mu) - tf.cast(shift, x.dtype)
+def _signswish_forward(x, mu):
+    return signswish(x, mu)
 
 
 @tf.function(jit_compile=True)
@@ -197,13 +179,12 @@ def _signswish_backward(x, dy, mu):
     return dy * tf.cast(signswish_gradient(x, mu), dy.dtype)
 
 
-def bnnpp_sign(x, mu=5.0, training=True, shift=None):
+def bnnpp_sign(x, mu=5.0, training=True):
     """BNN++: SignSwish forward and its exact derivative while training; sign at inference.
 
-    Both passes are XLA-fused elementwise kernels (see `_reste_backward`); `shift` is
-    subtracted inside the forward one (see `quantize_shifted`)."""
+    Both passes are XLA-fused elementwise kernels (see `_reste_backward`)."""
     if not training:
-        return _sign_forward(x, shift)
+        return lq.math.sign(x)
     mu = tf.convert_to_tensor(mu, tf.float32)
 
     @tf.custom_gradient
@@ -211,7 +192,7 @@ def bnnpp_sign(x, mu=5.0, training=True, shift=None):
         def grad(dy):
             return _signswish_backward(x, dy, mu)
 
-        return _signswish_forward(x, mu, float(shift or 0.0)), grad
+        return _signswish_forward(x, mu), grad
 
     return _call(x)
 
@@ -237,29 +218,6 @@ def wrn_sign(w):
         return scale * lq.math.sign(w), lambda dy: dy
 
     return _call(w)
-
-
-def _ste_backward(x, dy, clip_value):
-    # Larq's _clipped_gradient, dy where |x| <= clip_value else 0, as a product with the
-    # mask: 1.9 ms for a 128x32x32x16 tensor here, against 2.8 ms for Larq's tf.where and
-    # 3.7 ms as an XLA kernel (benchmarks/estimator_kernels.py, TF 2.19). The
-    # values are Larq's; only a non-finite dy where the mask is 0 would now give NaN.
-    return dy * tf.cast(tf.abs(x) <= clip_value, dy.dtype)
-
-
-def ste_sign_shifted(x, clip_value=1.0, shift=None):
-    """Larq's `ste_sign` (sign forward, dy where |x| <= clip_value, else 0; clip_value
-    None: dy everywhere), the same values and gradients, with the forward (and `shift`)
-    in one XLA kernel and a cheaper backward (see `quantize_shifted`)."""
-
-    @tf.custom_gradient
-    def _call(x):
-        def grad(dy):
-            return dy if clip_value is None else _ste_backward(x, dy, float(clip_value))
-
-        return _sign_forward(x, shift), grad
-
-    return _call(x)
 
 
 # --------------------------------------------------------------------------- classes
@@ -569,12 +527,12 @@ def recu_weight(w, tau):
     return tf.cast(_identity_sign(tf.clip_by_value(w1, -q, q)), w.dtype)
 
 
-def recu_activation_sign(x, shift=None):
+def recu_activation_sign(x):
     r"""The activation binarization of the ReCU and BiPer codes while training:
     \\(a_0 = a/\sqrt{\mathrm{var}(a) + 10^{-5}}\\) per sample (unbiased, over H, W, C),
     forward sign(a0), backward \\(\max(0, 2 - 2|a_0|)\\) (Bi-Real's ApproxSign) times
     dy, and on through the normalization. sign(a0) = sign(a): at inference both codes
-    skip the normalization, as `ReCUActivation` does. `shift`: see `quantize_shifted`."""
+    skip the normalization, as `ReCUActivation` does."""
     dtype = _compute_dtype(x)
     a = tf.cast(x, dtype)
     a0 = _normalized(a, list(range(1, len(a.shape))))
@@ -585,7 +543,7 @@ def recu_activation_sign(x, shift=None):
             return dy * tf.maximum(0.0, 2.0 - 2.0 * tf.abs(a0))
 
         # sign(a), which sign(a0) is, also where a0 underflows to 0 (tiny negative a)
-        return _sign_forward(a, shift), grad
+        return lq.math.sign(a), grad
 
     return tf.cast(_sign(a0), x.dtype)
 
@@ -728,38 +686,6 @@ class BiPerStage1(BiPer):
 # Larq's own estimators under the names the papers use.
 lq_utils.register_alias("ste")(lq.quantizers.SteSign)
 lq_utils.register_alias("bnn")(lq.quantizers.SteSign)
-
-
-# ------------------------------------------------------------- the shifted forward
-def quantize_shifted(quantizer, inputs, shift: float):
-    r"""`quantizer(inputs, training=True) - shift`, with the same gradient, for
-    `OnePaddedQuantConv2D`'s training form (`reste_larq.layers`).
-
-    For `ReSTE`, `BNNpp`, `ReCUActivation` (ReCU and BiPer) and Larq's `SteSign` (the
-    STE's and ProxConnect++'s activations) the subtraction runs inside the quantizer's
-    forward XLA kernel, so it costs no pass over the activations of its own (and sign is
-    one pass instead of `larq.math.sign`'s three); `SteSign`'s backward is also a
-    cheaper form of Larq's (`ste_sign_shifted`). Any other quantizer, or one that
-    records Larq metrics (`flip_ratio`), runs as itself, then `shift` is subtracted;
-    `None` (real-valued inputs) just subtracts.
-    """
-    shift = float(shift)
-    kind = type(quantizer)
-    if quantizer is None:
-        return inputs - tf.cast(shift, inputs.dtype)
-    if getattr(quantizer, "_custom_metrics", None) or kind not in _SHIFTED:
-        outputs = quantizer(inputs, training=True)
-        return outputs - tf.cast(shift, outputs.dtype)
-    return _SHIFTED[kind](quantizer, inputs, shift)
-
-
-_SHIFTED = {
-    ReSTE: lambda q, x, shift: reste_sign(x, q._value(), q.t, q.interval, shift),
-    BNNpp: lambda q, x, shift: bnnpp_sign(x, q._value(), True, shift),
-    ReCUActivation: lambda q, x, shift: recu_activation_sign(x, shift),
-    lq.quantizers.SteSign: lambda q, x, shift: ste_sign_shifted(x, q.clip_value, shift),
-}
-
 
 # ------------------------------------------------------------------------- estimators
 # An estimator is the (activation quantizer, kernel quantizer) pair a model uses.

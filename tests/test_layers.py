@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from reste_larq import layers, models, quantizers
+from reste_larq import layers, models
 from reste_larq.quantizers import MeanAbsScaled
 
 
@@ -67,60 +67,25 @@ def test_training_equals_larqs_padded_copy_and_inference_is_larqs(
         np.testing.assert_array_equal(got.numpy(), want.numpy())
 
 
-def test_the_shift_identity_holds_for_a_constant_padded_conv():
-    """conv_valid(pad_c(x), k) = conv_same(x - c, k) + c * (sum of all taps of k)."""
+def test_the_border_term_is_what_the_padded_copy_adds():
+    """border_taps by brute force: the conv of an all-zero image padded with c."""
     rng = np.random.default_rng(2)
     kernel = rng.standard_normal((3, 3, 4, 5)).astype(np.float32)
-    for hw, strides, padding, c in (
-        ((7, 8), (1, 1), ((1, 1), (1, 1)), 1.0),
-        ((8, 7), (2, 2), ((0, 1), (1, 1)), -1.0),  # TensorFlow's "same" for these sizes
+    for hw, strides, padding in (
+        ((6, 7), (1, 1), ((1, 1), (1, 1))),
+        ((8, 8), (2, 2), ((0, 1), (0, 1))),
     ):
-        x = rng.standard_normal((2, *hw, 4)).astype(np.float32)
-        padded = tf.pad(x, [[0, 0], *padding, [0, 0]], constant_values=c)
-        want = tf.nn.conv2d(padded, kernel, strides, "VALID")
-        got = tf.nn.conv2d(x - c, kernel, strides, "SAME") + c * kernel.sum(axis=(0, 1, 2))
-        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=0, atol=1e-5)
-
-
-SHIFTED = {
-    "reste": "reste",
-    "ste_sign": "ste_sign",
-    "bnnpp": "bnnpp",
-    "recu_activation": "recu_activation",
-    "approx_sign": "approx_sign",  # not fused: runs as itself, then subtracts
-    "ste_unclipped": lambda: lq.quantizers.SteSign(clip_value=None),
-    "reste_o2.5": lambda: quantizers.ReSTE(o=2.5),
-    "flip_ratio": lambda: quantizers.ReSTE(metrics=["flip_ratio"]),  # not fused either
-    "none": None,
-}
-
-
-@pytest.mark.parametrize("name", SHIFTED.values(), ids=SHIFTED.keys())
-@pytest.mark.parametrize("shift", [1.0, -1.0])
-def test_quantize_shifted_is_the_quantizer_minus_the_shift(name, shift):
-    """Values and gradients of quantize_shifted(q, x, c) and q(x) - c, bit for bit (BNN++'s
-    real-valued forward to an ulp), at points on both sides of every estimator's
-    thresholds (0, 0.1, 1, 1.5)."""
-    make = (lambda: lq.quantizers.get(name)) if not callable(name) else name
-    q = None if name is None else make()
-    points = [0.0, 1e-30, -1e-30, 0.05, -0.1, 0.1, 0.7, -1.0, 1.0, 1.2, -1.5, 1.6, 3.0, -40.0]
-    x = tf.constant(np.array(points * 4, np.float32).reshape(2, 2, 1, 14))
-    dy = tf.constant(np.random.default_rng(3).standard_normal(x.shape).astype(np.float32))
-
-    def run(fn):
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            y = fn(x)
-        return y.numpy(), tape.gradient(y, x, output_gradients=dy).numpy()
-
-    want = run(lambda x: (x if q is None else q(x, training=True)) - shift)
-    got = run(lambda x: quantizers.quantize_shifted(q, x, shift))
-    np.testing.assert_array_equal(got[1], want[1])
-    if name == "bnnpp":  # SignSwish, real-valued: XLA fuses `- shift` into its arithmetic
-        np.testing.assert_allclose(got[0], want[0], rtol=0, atol=2 * np.finfo(np.float32).eps * 3)
-    else:
-        np.testing.assert_array_equal(got[0], want[0])
-    assert np.isfinite(got[1]).all()
+        strips, positions, taps, (ho, wo) = layers.border_taps(
+            hw, (3, 3), strides, (1, 1), padding, 1.0
+        )
+        padded = tf.pad(tf.zeros([1, *hw, 4]), [[0, 0], *padding, [0, 0]], constant_values=1.0)
+        full = tf.nn.conv2d(padded, kernel, strides, "VALID").numpy().reshape(ho * wo, 5)
+        from_taps = taps @ kernel.sum(axis=2).reshape(9, 5)
+        np.testing.assert_allclose(full[positions], from_taps, atol=1e-5)
+        rest = np.setdiff1d(np.arange(ho * wo), positions)
+        np.testing.assert_array_equal(full[rest], 0.0)  # nothing else reads the padding
+        assert len(set(positions)) == len(positions) == ho * wo - len(rest)
+        assert strips == ((1, 1, 1, 1) if strides == (1, 1) else (0, 1, 0, 1))
 
 
 def test_decompose_padding_false_is_larqs_layer_bit_for_bit():
