@@ -71,7 +71,7 @@ def op_type_times(xplane_path: str) -> collections.Counter:
                     # Async kernels: the XLA-compiled functions under XLA's legacy CPU
                     # runtime (what `import reste_larq` selects on TF 2.19), which run
                     # inside this event and log no op event of their own; otherwise the
-                    # input pipeline's IteratorGetNext (~0.01 ms per step here).
+                    # input pipeline's IteratorGetNext (~0.06 ms per step here).
                     totals["async ops (XLA functions, legacy runtime)"] += event.duration_ps
                     continue
                 if ":" not in name or name.startswith(_NOT_OPS):
