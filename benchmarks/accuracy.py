@@ -133,6 +133,10 @@ def main(argv=None):
             *extra,
         ]
         out += ["--train-limit", str(args.train_limit)] if args.train_limit else []
+        if "--mixed-precision" not in extra:
+            # float32 on every machine (the CLI's default, auto, is bfloat16 on CPUs with
+            # AVX-512 BF16): variants differ only by their options
+            out += ["--mixed-precision", "off"]
         return out + (["--data-dir", args.data_dir] if args.data_dir else [])
 
     def train(quantizer, padding, seed, name, extra=()):

@@ -157,6 +157,10 @@ def main(argv=None):
                             "--results-dir", args.results_dir, "--name", name,
                             "--no-export", "--no-download", "--verbose", "2", *flags,
                         ]  # fmt: skip
+                        if "--mixed-precision" not in flags:
+                            # every cell float32, on every machine (the CLI's default,
+                            # auto, is bfloat16 on CPUs with AVX-512 BF16)
+                            argv += ["--mixed-precision", "off"]
                         if args.data_dir:
                             argv += ["--data-dir", args.data_dir]
                         if os.path.isdir(os.path.join(run, "checkpoint")):

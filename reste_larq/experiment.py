@@ -38,7 +38,7 @@ import tensorflow as tf
 from reste_larq import callbacks as cb
 from reste_larq import data as data_lib
 from reste_larq import distribute, export, models, provenance, rundir, training
-from reste_larq.config import PRECISION_POLICIES, RunConfig
+from reste_larq.config import PRECISION_CHOICES, PRECISION_POLICIES, RunConfig
 from reste_larq.distill import Distiller
 from reste_larq.errors import ConfigError, DataFormatError, DataNotFoundError, RunError
 
@@ -202,7 +202,7 @@ def check(config: RunConfig):
         raise ConfigError(f"--bn-momentum must be in [0, 1) (got {config.bn_momentum})")
     if config.mixed_precision not in PRECISION_POLICIES:
         raise ConfigError(
-            f"mixed_precision must be one of {', '.join(PRECISION_POLICIES)} "
+            f"mixed_precision must be one of {', '.join(PRECISION_CHOICES)} "
             f"(got {config.mixed_precision!r})"
         )
     learning_rate_schedule(config)  # bad schedule values fail here
@@ -487,6 +487,14 @@ class Experiment:
         chief = out.path == folder.path
         if chief and data.source:
             print(f"{config.dataset}: {data.source}", flush=True)
+        if chief:
+            # "auto" resolved per machine (config.auto_precision): say what it chose
+            policy = PRECISION_POLICIES[config.mixed_precision]
+            print(
+                f"precision: {policy}"
+                + ("" if policy == "float32" else " (variables float32; the .tflite float32)"),
+                flush=True,
+            )
         os.makedirs(out.path, exist_ok=True)
         with strategy.scope():
             model = build_model(config, data.num_classes, data.input_shape)

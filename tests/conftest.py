@@ -9,6 +9,12 @@ import os
 import pytest
 import tensorflow as tf
 
+# mixed_precision="auto" (the default) would train in bfloat16 on a CPU with AVX-512
+# BF16, such as this project's CI machine: the suite trains in float32 on every machine
+# (its golden digests and TFLite = Keras bounds are float32's), set here before any test
+# process or CLI subprocess starts. The auto tests (test_experiment.py) set it themselves.
+os.environ["RESTE_LARQ_CPU_BF16"] = "0"
+
 # Larq warns on every binary conv without a kernel constraint (the reference uses none).
 logging.getLogger("larq").setLevel(logging.ERROR)
 

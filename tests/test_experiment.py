@@ -86,6 +86,79 @@ def test_resolved_fills_what_depends_on_other_fields():
     )
 
 
+CPUINFO = "processor\t: {i}\nmodel name\t: x\nflags\t\t: fpu sse2 avx2 {extra}\n\n"
+
+
+@pytest.mark.parametrize(
+    "cpuinfo, expected",
+    [
+        ("".join(CPUINFO.format(i=i, extra="avx512f avx512_bf16 amx_tile") for i in (0, 1)), True),
+        (CPUINFO.format(i=0, extra="avx512f avx512bw avx512_vnni"), False),
+        # the flag in another field is not the CPU's
+        (CPUINFO.format(i=0, extra="avx512f").replace("model name\t: x", "bugs: avx512_bf16"), False),
+        ("", False),
+    ],
+)
+def test_cpu_bf16_detection_reads_the_flags_line(monkeypatch, cpuinfo, expected):
+    from reste_larq.config import CPU_BF16_ENV, cpu_has_avx512_bf16
+
+    monkeypatch.delenv(CPU_BF16_ENV)
+    assert cpu_has_avx512_bf16(cpuinfo) is expected
+
+
+def test_auto_precision_is_bfloat16_only_on_a_bf16_cpu_without_gpu(monkeypatch):
+    from reste_larq import config as config_lib
+    from reste_larq.config import CPU_BF16_ENV
+
+    monkeypatch.setenv(CPU_BF16_ENV, "1")
+    assert RunConfig().resolved().mixed_precision == "bfloat16"
+    assert RunConfig(mixed_precision="off").resolved().mixed_precision == "off"
+    assert RunConfig(mixed_precision="float16").resolved().mixed_precision == "float16"
+    resolved = RunConfig().resolved()
+    assert resolved.resolved() == resolved  # args.json keeps the choice, never "auto"
+    assert RunConfig.from_json(resolved.to_json()).mixed_precision == "bfloat16"
+    gpus = [tf.config.PhysicalDevice("/physical_device:GPU:0", "GPU")]
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: gpus)
+    assert config_lib.auto_precision() == "off"  # GPUs are untested with it: float32
+    monkeypatch.undo()
+    monkeypatch.setenv(CPU_BF16_ENV, "0")
+    assert RunConfig().resolved().mixed_precision == "off"
+    monkeypatch.setenv(CPU_BF16_ENV, "yes")
+    with pytest.raises(ConfigError, match="RESTE_LARQ_CPU_BF16 must be 1 or 0"):
+        RunConfig().resolved()
+    # this machine's own answer, from /proc/cpuinfo
+    monkeypatch.delenv(CPU_BF16_ENV)
+    with open("/proc/cpuinfo") as f:
+        has = " avx512_bf16" in f.read()
+    assert config_lib.cpu_has_avx512_bf16() is has
+
+
+def test_a_run_resumed_where_auto_means_another_precision_says_so(tmp_path, monkeypatch):
+    """args.json holds what auto chose: a resume on a CPU where auto chooses otherwise
+    is refused with the flag that continues it."""
+    from reste_larq.config import CPU_BF16_ENV
+
+    monkeypatch.setenv(CPU_BF16_ENV, "1")
+    config = RunConfig(results_dir=str(tmp_path), name="r").resolved()
+    folder = rundir.RunFolder(config.run_dir())
+    os.makedirs(folder.path)
+    folder.write_config(config)
+    assert json.loads((tmp_path / "r" / "args.json").read_text())["mixed_precision"] == (
+        "bfloat16"
+    )
+    tf.train.CheckpointManager(
+        tf.train.Checkpoint(v=tf.Variable(1.0)), folder.checkpoint_dir, max_to_keep=1
+    ).save()
+    monkeypatch.setenv(CPU_BF16_ENV, "0")
+    elsewhere = RunConfig(results_dir=str(tmp_path), name="r", resume=True).resolved()
+    with pytest.raises(RunError, match=r"--mixed-precision off \(run has bfloat16\)"):
+        folder.decide(elsewhere)
+    explicit = RunConfig(
+        results_dir=str(tmp_path), name="r", resume=True, mixed_precision="bfloat16"
+    ).resolved()
+    assert folder.decide(explicit) == rundir.RESUME
+
+
 def test_run_folder_states_and_what_a_config_may_do(tmp_path):
     """new -> started -> checkpointed -> finished, and decide()'s verdict in each."""
     config = RunConfig(results_dir=str(tmp_path), name="r").resolved()

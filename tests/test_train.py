@@ -31,6 +31,11 @@ def read_metrics(run):
         return json.load(f)
 
 
+def read_args(run):
+    with open(os.path.join(run, "args.json")) as f:
+        return json.load(f)
+
+
 def history(run):
     with open(os.path.join(run, "history.csv")) as f:
         return list(csv.DictReader(f))
@@ -621,7 +626,8 @@ def test_damaged_data_is_a_one_line_error(tmp_path, capsys, kind):
 @pytest.mark.parametrize(
     "flags",
     [
-        pytest.param(["--mixed-precision", "bfloat16"], id="bfloat16"),
+        # auto on a CPU with AVX-512 BF16 is bfloat16 (the same path as the explicit flag)
+        pytest.param(["--mixed-precision", "auto"], id="auto-on-a-bf16-cpu"),
         # float16 is a GPU setting (slow on a CPU): in the slow suite
         pytest.param(["--mixed-precision", "float16"], id="float16", marks=pytest.mark.slow),
         # XLA compiles the whole step (40 s here): slow, like float16
@@ -632,7 +638,10 @@ def test_speed_flags_train_and_convert_the_same(cifar_dir, tmp_path, monkeypatch
     """A step under the flag is finite; the export is unchanged: all 18 binary convs are
     LceBconv2d, and the .tflite computes what the float32 Keras model computes."""
     from reste_larq import data, export
+    from reste_larq.config import CPU_BF16_ENV
 
+    if "auto" in flags:
+        monkeypatch.setenv(CPU_BF16_ENV, "1")
     seen = spy_on_compiled_model(monkeypatch)
     assert (
         run_cli("--data-dir", cifar_dir, "--results-dir", tmp_path, "--name", "run", *QUICK, *flags)
@@ -646,7 +655,9 @@ def test_speed_flags_train_and_convert_the_same(cifar_dir, tmp_path, monkeypatch
     if "--jit-compile" in flags:
         assert model._jit_compile
     else:
-        policy = {"bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}[flags[1]]
+        chosen = {"auto": "bfloat16", "float16": "float16"}[flags[1]]
+        assert read_args(run)["mixed_precision"] == chosen  # what auto chose, for --resume
+        policy = {"bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}[chosen]
         assert model.layers[1].dtype_policy.name == policy
         assert model.output.dtype == tf.float32
         if flags[1] == "float16":

@@ -14,7 +14,7 @@ import numpy as np
 from reste_larq import callbacks as cb
 from reste_larq import training
 from reste_larq._tensorflow import filter_cpp_logs  # noqa: F401  (for the CLI modules)
-from reste_larq.config import ADAM_LR, PRECISION_POLICIES, RunConfig
+from reste_larq.config import ADAM_LR, PRECISION_CHOICES, RunConfig
 from reste_larq.errors import ConfigError, DataFormatError, DataNotFoundError, RunError
 from reste_larq.experiment import Experiment
 from reste_larq.models.blocks import BLOCKS, DOWNSAMPLES
@@ -274,10 +274,12 @@ def parser(description, *, prog, models, datasets, defaults, model_defaults=None
     g = p.add_argument_group("speed")
     g.add_argument(
         "--mixed-precision",
-        choices=tuple(PRECISION_POLICIES),
-        default="off",
+        choices=PRECISION_CHOICES,
+        default="auto",
         help="Keras mixed precision: compute in float16 (loss-scaled) or bfloat16, "
-        "variables and logits float32; export converts a float32 twin",
+        "variables and logits float32; export converts a float32 twin. auto: bfloat16 "
+        "on CPUs with AVX-512 BF16 (Linux, no GPU), else off (float32); args.json "
+        "keeps what it chose",
     )
     g.add_argument(
         "--jit-compile",

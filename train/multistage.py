@@ -117,10 +117,12 @@ def run(args) -> list[dict]:
             "(choose stages with --stages; re-running the command resumes it)"
         )
     resolved = common.config(args)
-    args.quantizer, args.lr, args.lr_schedule = (
+    # resolved once for every stage (and the saved settings): "auto" precision too
+    args.quantizer, args.lr, args.lr_schedule, args.mixed_precision = (
         resolved.quantizer,
         resolved.lr,
         resolved.lr_schedule,
+        resolved.mixed_precision,
     )
     if args.quantizer == "float" and set(args.stages) - {"float"}:
         raise common.UsageError("--quantizer float: the binary stages need an estimator")
