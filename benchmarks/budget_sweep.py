@@ -5,6 +5,8 @@
         --variants reste ste bnnpp "bnnpp,mu_start=5,mu_end=50" "reste,o_end=2" \\
         --seeds 1234 1235
     python benchmarks/budget_sweep.py --report ...          # tables and plot only
+    python benchmarks/budget_sweep.py --report ... --quoted docs/budget_sweep_quoted.json
+                                          # ... with cells of earlier sweeps, marked
 
 A variant is an estimator name with optional `train.cifar` settings after commas
 (`flag=value`, flags without their dashes: o_end, mu_start, mu_end, lr, ...), or
@@ -131,7 +133,18 @@ def main(argv=None):
         help="train nothing: tabulate and plot the finished cells of the grid (a missing "
         "cell prints as -), e.g. to combine sweeps run with different epoch lists",
     )
+    p.add_argument(
+        "--quoted",
+        default=None,
+        metavar="JSON",
+        help="with --report: cells measured earlier whose run folders are not in "
+        "--results-dir (a JSON list of {variant, train_limit, epochs, seed, test_top1, "
+        "best_test_top1 or null, frozen_percent or null, source}); they fill only grid cells "
+        "without a run folder, print with a * and their source, and plot as open markers",
+    )
     args = p.parse_args(argv)
+    if args.quoted and not args.report:
+        p.error("--quoted is for --report (a sweep trains its missing cells)")
     variants = [(v, *parse_variant(v, p)) for v in args.variants]
     if not args.no_plot:
         try:
@@ -174,6 +187,7 @@ def main(argv=None):
                     with open(os.path.join(run, "metrics.json")) as f:
                         results.setdefault((limit, epochs, variant), []).append(json.load(f))
 
+    sources = add_quoted(args, p, results) if args.quoted else []
     if not results:
         p.error(f"no finished cell of this grid in {args.results_dir}: run it without --report")
     for limit in args.train_limits:
@@ -184,22 +198,63 @@ def main(argv=None):
             # none for ReCU and BiPer (reste_larq.callbacks.frozen_fraction): nan
             (
                 "last frozen fraction",
-                lambda m: 100.0 * frozen(m)[-1],
+                lambda m: m["frozen_percent"] if "quoted" in m else 100.0 * frozen(m)[-1],
             ),
         ):
             print(f"\n{title} (%), {args.dataset}, {limit} training images, seeds {args.seeds}")
             print(f"{'variant':<32}" + "".join(f"{f'{e} ep':>10}" for e in args.epochs))
             for variant, *_ in variants:
-                cells = [
-                    f"{statistics.mean(value(m) for m in results[key]):.2f}"
-                    if (key := (limit, e, variant)) in results
-                    else "-"
-                    for e in args.epochs
-                ]
+                cells = [cell(results.get((limit, e, variant)), value) for e in args.epochs]
                 print(f"{variant:<32}" + "".join(f"{c:>10}" for c in cells))
+    for k, source in enumerate(sources):
+        print(f"{'*' * (k + 1)} quoted from {args.quoted}: {source}")
 
     if not args.no_plot:
         plot(args, variants, results)
+
+
+def add_quoted(args, parser, results) -> list[str]:
+    """Put --quoted's cells into `results` where the grid has no run folder for them;
+    returns their sources, in the order of their marks (*, **, ...)."""
+    with open(args.quoted) as f:
+        quoted = json.load(f)
+    fields = {"variant", "train_limit", "epochs", "seed", "test_top1", "source"}
+    sources, found = [], {}
+    for n, entry in enumerate(quoted):
+        missing = sorted(fields - set(entry))
+        if missing:
+            parser.error(f"{args.quoted}: cell {n} has no {', '.join(missing)}")
+        key = (entry["train_limit"], entry["epochs"], entry["variant"])
+        if entry["seed"] not in args.seeds or key[0] not in args.train_limits:
+            continue
+        if key[1] not in args.epochs or key[2] not in args.variants:
+            continue
+        if entry["source"] not in sources:
+            sources.append(entry["source"])
+        found.setdefault(key, []).append(
+            {
+                "test_top1": entry["test_top1"],
+                "best_test_top1": entry.get("best_test_top1"),
+                "frozen_percent": entry.get("frozen_percent"),
+                "per_epoch": [],
+                "quoted": "*" * (sources.index(entry["source"]) + 1),
+            }
+        )
+    for key, cells in found.items():
+        results.setdefault(key, cells)  # a run folder of the cell wins
+    return sources
+
+
+def cell(metrics, value) -> str:
+    """A table cell: the mean over seeds, "-" where there is none (or a quoted cell
+    lacks the figure), with a quoted cell's mark."""
+    if not metrics:
+        return "-"
+    values = [value(m) for m in metrics]
+    if any(v is None for v in values):
+        return "-"
+    mark = metrics[0].get("quoted", "")
+    return f"{statistics.mean(values):.2f}{mark}"
 
 
 def plot(args, variants, results):
@@ -222,7 +277,10 @@ def plot(args, variants, results):
                 statistics.mean(m["test_top1"] for m in results[(limit, e, variant)])
                 for e in epochs
             ]
-            ax.plot(epochs, top1, "o-", color=f"C{k}", label=variant)
+            ax.plot(epochs, top1, "-", color=f"C{k}", label=variant)
+            for e, t in zip(epochs, top1):  # quoted cells (other runs, --quoted): open
+                quoted = "quoted" in results[(limit, e, variant)][0]
+                ax.plot(e, t, "o", color=f"C{k}", mfc="none" if quoted else f"C{k}")
         ax.set_xscale("log")
         ax.set_xticks(args.epochs, [str(e) for e in args.epochs])
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
@@ -238,7 +296,7 @@ def plot(args, variants, results):
     longest = max((e for n, e, _ in results if n == limit), default=None)
     for k, (variant, *_) in enumerate(variants):
         runs = results.get((limit, longest, variant))
-        if not runs:
+        if not runs or not runs[0]["per_epoch"]:  # none, or quoted without its epochs
             continue
         per_epoch = runs[0]["per_epoch"]
         x = [r["epoch"] + 1 for r in per_epoch]

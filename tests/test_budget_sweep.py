@@ -112,3 +112,50 @@ def test_biper_two_stage_cell_runs_stage1_then_stage2_from_it(budget_sweep, tmp_
     assert budget_sweep.two_stage_epochs(2) == (1, 1)
     with pytest.raises(SystemExit):
         budget_sweep.two_stage_epochs(1)
+
+
+def test_quoted_cells_fill_only_cells_without_a_run_folder(budget_sweep, tmp_path, capsys):
+    """--quoted: earlier measurements fill the grid's empty cells, marked with their
+    source; a cell's own run folder wins; a malformed quote or a sweep that would train
+    is an error."""
+    _finished_cell(tmp_path, "fashion_mnist_n100_e2_reste_s1", 61.25, 0.0, 63.5)
+    quoted = tmp_path / "quoted.json"
+    cell = {"train_limit": 100, "seed": 1, "best_test_top1": None, "source": "TF 2.15, 11-28"}
+    quoted.write_text(
+        json.dumps(
+            [
+                {**cell, "variant": "reste", "epochs": 2, "test_top1": 10.0},  # has a run
+                {**cell, "variant": "reste", "epochs": 5, "test_top1": 70.5},
+                {
+                    **cell,
+                    "variant": "bnnpp",
+                    "epochs": 5,
+                    "test_top1": 80.0,
+                    "frozen_percent": 95.0,
+                },
+                {**cell, "variant": "bnnpp", "epochs": 5, "test_top1": 0.0, "seed": 9},  # not asked
+                {**cell, "variant": "ste", "epochs": 5, "test_top1": 1.0},  # not in --variants
+            ]
+        )
+    )
+    argv = [
+        "--report", "--no-plot", "--results-dir", str(tmp_path), "--seeds", "1",
+        "--train-limits", "100", "--epochs", "2", "5", "--variants", "reste", "bnnpp",
+    ]  # fmt: skip
+    budget_sweep.main([*argv, "--quoted", str(quoted)])
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines()]
+    assert ["reste", "61.25", "70.50*"] in rows  # final epoch: the run, then the quote
+    assert ["reste", "63.50", "-"] in rows  # the quote has no best epoch
+    assert ["bnnpp", "-", "80.00*"] in rows
+    assert ["bnnpp", "-", "95.00*"] in rows  # frozen fraction
+    assert f"* quoted from {quoted}: TF 2.15, 11-28" in out
+    assert "10.00" not in out and "1.00*" not in out
+
+    quoted.write_text(json.dumps([{"variant": "reste", "epochs": 5}]))
+    with pytest.raises(SystemExit):
+        budget_sweep.main([*argv, "--quoted", str(quoted)])
+    assert "cell 0 has no seed, source, test_top1, train_limit" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        budget_sweep.main([*argv[1:], "--quoted", str(quoted)])
+    assert "--quoted is for --report" in capsys.readouterr().err

@@ -95,7 +95,7 @@ CPUINFO = "processor\t: {i}\nmodel name\t: x\nflags\t\t: fpu sse2 avx2 {extra}\n
         ("".join(CPUINFO.format(i=i, extra="avx512f avx512_bf16 amx_tile") for i in (0, 1)), True),
         (CPUINFO.format(i=0, extra="avx512f avx512bw avx512_vnni"), False),
         # the flag in another field is not the CPU's
-        (CPUINFO.format(i=0, extra="avx512f").replace("model name\t: x", "bugs: avx512_bf16"), False),
+        (CPUINFO.format(i=0, extra="avx512f").replace("model name", "bugs: avx512_bf16"), False),
         ("", False),
     ],
 )
@@ -143,9 +143,7 @@ def test_a_run_resumed_where_auto_means_another_precision_says_so(tmp_path, monk
     folder = rundir.RunFolder(config.run_dir())
     os.makedirs(folder.path)
     folder.write_config(config)
-    assert json.loads((tmp_path / "r" / "args.json").read_text())["mixed_precision"] == (
-        "bfloat16"
-    )
+    assert json.loads((tmp_path / "r" / "args.json").read_text())["mixed_precision"] == ("bfloat16")
     tf.train.CheckpointManager(
         tf.train.Checkpoint(v=tf.Variable(1.0)), folder.checkpoint_dir, max_to_keep=1
     ).save()
