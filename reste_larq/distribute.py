@@ -156,15 +156,25 @@ def _exchange(strategy, code: int, message: str, codes: int, timeout):
     return out
 
 
-def workers_agree(strategy, error: Exception | None, resume: bool, timeout=BARRIER_TIMEOUT):
+def workers_agree(
+    strategy,
+    error: Exception | None,
+    resume: bool,
+    timeout=BARRIER_TIMEOUT,
+    precision: str | None = None,
+):
     """A barrier before anything is written: every worker brings its verdict on the run
     (refuse, start, resume) and, if it refuses, its one-line reason. All go on only if
     all verdicts are the same; if any worker refused, every worker raises the same
     RunError, naming the first refusing task and its reason (so all exit 2 with the same
-    line instead of waiting for a worker that left)."""
+    line instead of waiting for a worker that left).
+
+    `precision` (the run's resolved mixed_precision): the workers must also have chosen
+    the same one, which `auto` does per machine (config.auto_precision)."""
     verdict = 0 if error else 1 + int(resume)  # refuse, start, resume
+    line = str(error) if error else (precision or "")
     try:
-        verdicts = _exchange(strategy, verdict, str(error or ""), 3, timeout)
+        verdicts = _exchange(strategy, verdict, line, 3, timeout)
     except BarrierTimeout as lost:
         if error:
             raise error from None
@@ -181,6 +191,13 @@ def workers_agree(strategy, error: Exception | None, resume: bool, timeout=BARRI
         raise RunError(
             "the workers disagree on the run folder (start or resume: they see different "
             "files); every worker must see the same --results-dir on a shared file system"
+        )
+    if len({line for _, _, line in verdicts}) > 1:
+        chosen = ", ".join(f"{task}: {line}" for task, _, line in verdicts)
+        raise RunError(
+            f"the workers chose different precisions ({chosen}): --mixed-precision auto "
+            "is bfloat16 only on CPUs with AVX-512 BF16; give every worker the same "
+            "--mixed-precision"
         )
 
 

@@ -452,7 +452,9 @@ class Experiment:
                     raise
                 refusal = error
         if multi_worker:
-            distribute.workers_agree(strategy, refusal, resume, config.barrier_timeout)
+            distribute.workers_agree(
+                strategy, refusal, resume, config.barrier_timeout, config.mixed_precision
+            )
         chief, task = (
             distribute.worker_task() if config.strategy == "multi_worker" else (True, "chief0")
         )

@@ -88,6 +88,20 @@ def test_start_barrier_refuses_workers_that_see_different_folders(monkeypatch):
     assert same == {0: None, 1: None}
 
 
+def test_start_barrier_refuses_workers_that_chose_different_precisions(monkeypatch):
+    """--mixed-precision auto resolves per machine: workers on different CPUs must not
+    train one model in two precisions."""
+    chosen = ["bfloat16", "off"]
+    out = two_workers(
+        monkeypatch, lambda i: distribute.workers_agree(None, None, False, 5, chosen[i])
+    )
+    for i in (0, 1):
+        assert isinstance(out[i], RunError)
+        assert "different precisions (worker0: bfloat16, worker1: off)" in str(out[i])
+    same = two_workers(monkeypatch, lambda i: distribute.workers_agree(None, None, False, 5, "off"))
+    assert same == {0: None, 1: None}
+
+
 def test_end_barrier_stops_the_other_workers_with_the_chiefs_error(monkeypatch):
     errors = [ValueError("export broke"), None]
     out = two_workers(monkeypatch, lambda i: distribute.finish_together(None, errors[i]))
