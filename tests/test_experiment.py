@@ -143,7 +143,7 @@ def test_a_run_resumed_where_auto_means_another_precision_says_so(tmp_path, monk
     folder = rundir.RunFolder(config.run_dir())
     os.makedirs(folder.path)
     folder.write_config(config)
-    assert json.loads((tmp_path / "r" / "args.json").read_text())["mixed_precision"] == ("bfloat16")
+    assert json.loads((tmp_path / "r" / "args.json").read_text())["mixed_precision"] == "bfloat16"
     tf.train.CheckpointManager(
         tf.train.Checkpoint(v=tf.Variable(1.0)), folder.checkpoint_dir, max_to_keep=1
     ).save()
