@@ -9,10 +9,13 @@ activation of resnet20_1w1a at batch 128), interleaved, median of --repeats:
   and the mask product dy * (|x| <= 1) in TF ops (a candidate, not shipped);
 - reste, pow form (the first implementation): tf.pow, which has no vectorized CPU kernel;
 - reste, exp/log form, unfused TF ops;
-- reste, shipped: exp/log form fused by XLA (`reste_larq.quantizers._reste_backward`);
-- bnn+ (Larq's swish_sign backward) and bnnpp/bnn+ shipped (XLA-fused SignSwish derivative);
-- the plain product x * dy as a TensorFlow `Mul` and as an XLA function: what XLA's
-  elementwise kernels cost here where there is no arithmetic to fuse;
+- reste, exp/log form fused by XLA (`reste_larq.quantizers._reste_backward`), on the
+  NHWC tensor as before and flattened to 1-D as shipped (bit-identical values);
+- bnn+ (Larq's swish_sign backward) and the XLA-fused SignSwish derivative (bnnpp,
+  bnn+), NHWC (before) and flat (shipped);
+- the plain product x * dy as a TensorFlow `Mul` and as an XLA function on the NHWC
+  tensor and flat: XLA's CPU code for a 16-channel NHWC tensor vectorizes across the
+  wrong axis (masked gathers/scatters), which flattening avoids;
 - and three forward passes ("fwd"): `larq.math.sign` (three TF ops, shipped), and the
   candidates sign(x) - 1 as TF ops and as one XLA kernel (a shifted one-padded conv's
   input; tried and reverted, docs/results.md).
@@ -92,11 +95,20 @@ def main(argv=None):
         "ste_sign, mask product": tf.function(lambda: ste_backward_mask_product(x, dy)),
         "reste, tf.pow (before)": tf.function(lambda: reste_backward_pow(x, dy, o)),
         "reste, exp/log unfused": tf.function(lambda: reste_backward_unfused(x, dy, o)),
-        "reste, exp/log XLA (shipped)": tf.function(lambda: Q._reste_backward(x, dy, o, 1.5, 0.1)),
+        "reste, XLA on NHWC (before)": tf.function(
+            lambda: Q._reste_backward.compiled(x, dy, o, 1.5, 0.1)
+        ),
+        "reste, XLA flat (shipped)": tf.function(lambda: Q._reste_backward(x, dy, o, 1.5, 0.1)),
         "swish_sign backward (Larq)": tf.function(lambda: larq_swish_backward(x, dy)),
-        "signswish XLA (bnnpp, bnn+)": tf.function(lambda: Q._signswish_backward(x, dy, mu)),
+        "signswish XLA on NHWC (before)": tf.function(
+            lambda: Q._signswish_backward.compiled(x, dy, mu)
+        ),
+        "signswish XLA flat (shipped)": tf.function(lambda: Q._signswish_backward(x, dy, mu)),
         "x * dy, TF Mul (reference)": tf.function(lambda: x * dy),
-        "x * dy, XLA (reference)": tf.function(lambda: product_xla(x, dy)),
+        "x * dy, XLA on NHWC": tf.function(lambda: product_xla(x, dy)),
+        "x * dy, XLA flat": tf.function(
+            lambda: tf.reshape(product_xla(tf.reshape(x, [-1]), tf.reshape(dy, [-1])), x.shape)
+        ),
         "fwd: larq.math.sign": tf.function(lambda: lq.math.sign(x)),
         "fwd: sign - 1, TF ops": tf.function(lambda: lq.math.sign(x) - 1.0),
         "fwd: sign - 1, XLA": tf.function(lambda: sign_minus_one_xla(x)),
@@ -104,11 +116,14 @@ def main(argv=None):
     for a, b in (
         ("ste_sign backward (Larq)", "ste_sign, mask product"),
         ("fwd: sign - 1, TF ops", "fwd: sign - 1, XLA"),
+        ("reste, XLA on NHWC (before)", "reste, XLA flat (shipped)"),
+        ("signswish XLA on NHWC (before)", "signswish XLA flat (shipped)"),
+        ("x * dy, XLA on NHWC", "x * dy, XLA flat"),
     ):
         np.testing.assert_array_equal(variants[a]().numpy(), variants[b]().numpy())
     np.testing.assert_allclose(
         variants["reste, tf.pow (before)"]().numpy(),
-        variants["reste, exp/log XLA (shipped)"]().numpy(),
+        variants["reste, XLA flat (shipped)"]().numpy(),
         rtol=1e-4,
         atol=1e-5,
     )

@@ -13,7 +13,14 @@ A variant is an estimator name ("float": the full-precision twin) with options: 
 mixed precision, the CLI's --mixed-precision), +padcopy (one-padding trained through
 Larq's padded copy, `OnePaddedQuantConv2D.decompose_padding = False`), +kd (a
 `reste_larq.distill.Distiller` with the float twin as its teacher: the cost of
-`--teacher`). Every model is compiled as the CLI
+`--teacher`), +a32 (real activations, binary kernels: what the kernel's quantizer and
+weight scale cost) or +w32 (real kernels, binary one-padded activations: what
+binarizing the activations costs), +zeropad (zero padding, as the PyTorch reference:
+no one-padding border term). "floor" is no estimator but a bound: the float twin
+with the cheapest binarization TensorFlow ops allow on every binary conv's input (one
+`Sign` forward, one `Mul` backward; zero padding, float kernels), so floor/float is the
+most any estimator with a backward pass can reach without kernels fused into the
+convolution or BatchNorm. Every model is compiled as the CLI
 compiles it: PyTorch-form SGD (momentum 0.9, coupled weight decay 1e-4).
 
 All estimators run in one process, each model compiled and warmed up first (tracing
@@ -51,6 +58,7 @@ import time
 import reste_larq  # noqa: E402,F401  (first: TensorFlow with Keras 2 as tf.keras)
 
 # isort: split
+import larq as lq  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
@@ -68,7 +76,7 @@ def split_variant(variant):
     """ "reste+jit+bf16" -> ("reste", ["jit", "bf16"]); "bnn+" keeps its own "+"."""
     options = []
     while True:
-        for option in ("jit", "kd", "padcopy", *POLICIES):
+        for option in ("jit", "kd", "padcopy", "zeropad", "a32", "w32", *POLICIES):
             if variant.endswith("+" + option):
                 options.insert(0, option)
                 variant = variant[: -len(option) - 1]
@@ -77,12 +85,31 @@ def split_variant(variant):
             return variant, options
 
 
+@tf.custom_gradient
+def _floor_sign(x):
+    """The least a binarizing estimator with a backward pass adds to its float twin: one
+    TensorFlow op forward (Sign) and one backward (a Mul over the input). Its values are
+    not any estimator's (sign(0) = 0; gradient dy * x): it measures a cost, not a method."""
+    return tf.sign(x), lambda dy: dy * x
+
+
 def make_model(variant, model_name):
     estimator, options = split_variant(variant)
     policy = next((POLICIES[o] for o in options if o in POLICIES), "float32")
     tf.keras.mixed_precision.set_global_policy(policy)
     try:
-        model = models.build(model_name, quantizer=estimator)
+        floor = estimator == "floor"
+        model = models.build(
+            model_name,
+            quantizer="float" if floor else estimator,
+            a32="a32" in options or None,
+            w32="w32" in options,
+            padding="zero" if "zeropad" in options else "one",
+        )
+        if floor:  # the float twin with the cheapest possible binarization of its inputs
+            for layer in model.submodules:
+                if isinstance(layer, lq.layers.QuantConv2D):
+                    layer.input_quantizer = _floor_sign
         if "padcopy" in options:  # one-padding as Larq's tf.pad copy, also in training
             for layer in model.submodules:
                 if isinstance(layer, layers.OnePaddedQuantConv2D):

@@ -247,6 +247,36 @@ def test_reste_input_gradient_golden(o):
         assert golden[2.0] == golden[-2.0] == 0.0
 
 
+@pytest.mark.parametrize(
+    "fn, args",
+    [
+        (Q._reste_backward, (tf.constant(2.5), 1.5, 0.1)),
+        (Q._signswish_backward, (tf.constant(20.0),)),
+    ],
+    ids=["reste_backward", "signswish_backward"],
+)
+@pytest.mark.parametrize("shape", [(4, 8, 8, 16), (3, 3, 16, 32), (7,), ()])
+def test_flat_xla_kernels_equal_their_nhwc_compilation(fn, args, shape):
+    """The XLA estimator kernels run on flattened tensors (faster on CPU); their values
+    are bit-identical to the same XLA function on the tensor's own shape."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape).astype(np.float32) * 2
+    if x.size >= len(SPECIAL):
+        x.flat[: len(SPECIAL)] = SPECIAL
+    dy = rng.standard_normal(shape).astype(np.float32)
+    flat = fn(tf.constant(x), tf.constant(dy), *args)
+    assert flat.shape == shape
+    np.testing.assert_array_equal(flat.numpy(), fn.compiled(x, dy, *args).numpy())
+
+
+def test_flat_signswish_forward_equals_its_nhwc_compilation():
+    x = tf.constant(np.linspace(-3, 3, 4 * 4 * 16, dtype=np.float32).reshape(1, 4, 4, 16))
+    mu = tf.constant(5.0)
+    np.testing.assert_array_equal(
+        Q._signswish_forward(x, mu).numpy(), Q._signswish_forward.compiled(x, mu).numpy()
+    )
+
+
 # --------------------------------------------------- every quantizer, by name
 @pytest.mark.parametrize("name", QUANTIZER_NAMES)
 def test_names_resolve_to_binary_quantizers(name):
