@@ -138,7 +138,8 @@ def _elementwise_xla(fn):
 
 @_elementwise_xla
 def _reste_backward(x, dy, o, t, interval):
-    # One fused pass: with it the ReSTE backward costs about one TensorFlow `Mul`.
+    # One fused pass over memory, bound by its exp and log: 3.3 ms against a `Mul`'s 1.4
+    # on a 128x32x32x16 tensor here (7.1 ms as unfused TensorFlow ops).
     return dy * tf.cast(reste_gradient(x, o, t, interval), dy.dtype)
 
 
