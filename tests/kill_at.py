@@ -10,7 +10,9 @@ minutes), count_decodes (KILL_AT_DECODE_LOG.PID gets a line per ImageNet image d
 nowhere (the run as it is).
 
 KILL_AT_CLI=imagenet runs `train.imagenet` instead, and KILL_AT_MOCK_EXAMPLES=N inside
-`tfds.testing.mock_data(num_examples=N)`.
+`tfds.testing.mock_data(num_examples=N)`. KILL_AT_DIGEST_LOG=PREFIX writes "name sha256"
+per weight to PREFIX.PID when the run digests its final weights (to name the weights two
+workers disagree on).
 """
 
 import os
@@ -48,7 +50,29 @@ def count_decodes(prefix):
     data._imagenet_train_image = counted
 
 
+def log_weight_digests(prefix):
+    """Write each weight's sha256 to prefix.PID whenever the run digests its weights."""
+    import hashlib
+
+    import numpy as np
+
+    from reste_larq import distribute
+
+    whole = distribute.weights_digest
+
+    def digest(model):
+        with open(f"{prefix}.{os.getpid()}", "w") as f:
+            for w in model.weights:
+                data = np.ascontiguousarray(w.numpy()).tobytes()
+                f.write(f"{w.name} {hashlib.sha256(data).hexdigest()}\n")
+        return whole(model)
+
+    distribute.weights_digest = digest
+
+
 def main(point, argv):
+    if os.environ.get("KILL_AT_DIGEST_LOG"):
+        log_weight_digests(os.environ["KILL_AT_DIGEST_LOG"])
     if point == "before_first_checkpoint":
         cb.LearningRateSchedule.on_epoch_begin = die
     elif point == "inside_epoch":
