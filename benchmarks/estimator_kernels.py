@@ -2,10 +2,12 @@
 the ReSTE/BNN++ speed-ups.
 
     python benchmarks/estimator_kernels.py            # 128x32x32x16, 30 repeats
+    python benchmarks/estimator_kernels.py --from-memory 20 --shape 3 3 64 64
 
 Times d(loss)/dx = dy * q'(x) for a 128x32x32x16 float32 tensor (the largest binary
 activation of resnet20_1w1a at batch 128), interleaved, median of --repeats:
-- ste_sign (Larq): where(|x| <= 1, dy, 0), unfused TF ops; the same as an XLA kernel;
+- ste_sign (Larq): where(|x| <= 1, dy, 0), unfused TF ops; the same as an XLA kernel
+  on the NHWC tensor and flattened (`FusedSteSign`, the "ste" estimator's, shipped);
   and the mask product dy * (|x| <= 1) in TF ops (a candidate, not shipped);
 - reste, pow form (the first implementation): tf.pow, which has no vectorized CPU kernel;
 - reste, exp/log form, unfused TF ops;
@@ -19,6 +21,11 @@ activation of resnet20_1w1a at batch 128), interleaved, median of --repeats:
 - and three forward passes ("fwd"): `larq.math.sign` (three TF ops, shipped), and the
   candidates sign(x) - 1 as TF ops and as one XLA kernel (a shifted one-padded conv's
   input; tried and reverted, docs/results.md).
+
+By default every call reads the same x and dy, which stay in the CPU's cache.
+`--from-memory K` times K passes per call over K different (x, dy) pairs, so each pass
+reads its tensors from memory, as a backward pass over stored activations does; the
+figure is per pass (the K passes are independent: TensorFlow may run two at once).
 """
 
 from __future__ import annotations
@@ -81,47 +88,66 @@ def larq_swish_backward(x, dy, beta=5.0):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shape", type=int, nargs=4, default=[128, 32, 32, 16])
+    p.add_argument("--shape", type=int, nargs="+", default=[128, 32, 32, 16])
     p.add_argument("--repeats", type=int, default=30)
+    p.add_argument(
+        "--from-memory",
+        type=int,
+        default=0,
+        metavar="K",
+        help="time K passes per call on K different tensors (none in cache, as in a "
+        "backward pass over stored activations); the figure is per pass",
+    )
     args = p.parse_args(argv)
 
     rng = np.random.default_rng(0)
-    x = tf.constant(rng.standard_normal(args.shape).astype(np.float32))
-    dy = tf.constant(rng.standard_normal(args.shape).astype(np.float32))
+    count = max(args.from_memory, 1)
+    xs = [tf.constant(rng.standard_normal(args.shape).astype(np.float32)) for _ in range(count)]
+    dys = [tf.constant(rng.standard_normal(args.shape).astype(np.float32)) for _ in range(count)]
     o, mu = tf.constant(2.0), tf.constant(5.0)
-    variants = {
-        "ste_sign backward (Larq)": tf.function(lambda: ste_backward(x, dy)),
-        "ste_sign, XLA": tf.function(lambda: ste_backward_xla(x, dy)),
-        "ste_sign, mask product": tf.function(lambda: ste_backward_mask_product(x, dy)),
-        "reste, tf.pow (before)": tf.function(lambda: reste_backward_pow(x, dy, o)),
-        "reste, exp/log unfused": tf.function(lambda: reste_backward_unfused(x, dy, o)),
-        "reste, XLA on NHWC (before)": tf.function(
-            lambda: Q._reste_backward.compiled(x, dy, o, 1.5, 0.1)
-        ),
-        "reste, XLA flat (shipped)": tf.function(lambda: Q._reste_backward(x, dy, o, 1.5, 0.1)),
-        "swish_sign backward (Larq)": tf.function(lambda: larq_swish_backward(x, dy)),
-        "signswish XLA on NHWC (before)": tf.function(
-            lambda: Q._signswish_backward.compiled(x, dy, mu)
-        ),
-        "signswish XLA flat (shipped)": tf.function(lambda: Q._signswish_backward(x, dy, mu)),
-        "x * dy, TF Mul (reference)": tf.function(lambda: x * dy),
-        "x * dy, XLA on NHWC": tf.function(lambda: product_xla.compiled(x, dy)),
-        "x * dy, XLA flat": tf.function(lambda: product_xla(x, dy)),
-        "fwd: larq.math.sign": tf.function(lambda: lq.math.sign(x)),
-        "fwd: sign - 1, TF ops": tf.function(lambda: lq.math.sign(x) - 1.0),
-        "fwd: sign - 1, XLA": tf.function(lambda: sign_minus_one_xla(x)),
+    passes = {  # name -> f(x, dy); the forward passes ("fwd") ignore dy
+        "ste_sign backward (Larq)": ste_backward,
+        "ste_sign, XLA": lambda x, dy: ste_backward_xla(x, dy),
+        "ste_sign, mask product": ste_backward_mask_product,
+        "ste, XLA flat (shipped)": lambda x, dy: Q._ste_backward(x, dy, 1.0),
+        "reste, tf.pow (before)": lambda x, dy: reste_backward_pow(x, dy, o),
+        "reste, exp/log unfused": lambda x, dy: reste_backward_unfused(x, dy, o),
+        "reste, XLA on NHWC (before)": lambda x, dy: Q._reste_backward.compiled(x, dy, o, 1.5, 0.1),
+        "reste, XLA flat (shipped)": lambda x, dy: Q._reste_backward(x, dy, o, 1.5, 0.1),
+        "swish_sign backward (Larq)": larq_swish_backward,
+        "signswish XLA on NHWC (before)": lambda x, dy: Q._signswish_backward.compiled(x, dy, mu),
+        "signswish XLA flat (shipped)": lambda x, dy: Q._signswish_backward(x, dy, mu),
+        "x * dy, TF Mul (reference)": lambda x, dy: x * dy,
+        "x * dy, XLA on NHWC": lambda x, dy: product_xla.compiled(x, dy),
+        "x * dy, XLA flat": product_xla,
+        "fwd: larq.math.sign": lambda x, dy: lq.math.sign(x),
+        "fwd: sign - 1, TF ops": lambda x, dy: lq.math.sign(x) - 1.0,
+        "fwd: sign - 1, XLA": lambda x, dy: sign_minus_one_xla(x),
     }
+
+    def timed(f):
+        if not args.from_memory:
+            return tf.function(lambda: f(xs[0], dys[0]), autograph=False)
+        # K independent passes, each output kept alive by one of its elements
+        return tf.function(
+            lambda: tf.stack([tf.reshape(f(x, dy), [-1])[0] for x, dy in zip(xs, dys)]),
+            autograph=False,
+        )
+
+    variants = {name: timed(f) for name, f in passes.items()}
+    one = {name: tf.function(lambda f=f: f(xs[0], dys[0])) for name, f in passes.items()}
     for a, b in (
         ("ste_sign backward (Larq)", "ste_sign, mask product"),
+        ("ste_sign backward (Larq)", "ste, XLA flat (shipped)"),
         ("fwd: sign - 1, TF ops", "fwd: sign - 1, XLA"),
         ("reste, XLA on NHWC (before)", "reste, XLA flat (shipped)"),
         ("signswish XLA on NHWC (before)", "signswish XLA flat (shipped)"),
         ("x * dy, XLA on NHWC", "x * dy, XLA flat"),
     ):
-        np.testing.assert_array_equal(variants[a]().numpy(), variants[b]().numpy())
+        np.testing.assert_array_equal(one[a]().numpy(), one[b]().numpy())
     np.testing.assert_allclose(
-        variants["reste, tf.pow (before)"]().numpy(),
-        variants["reste, XLA flat (shipped)"]().numpy(),
+        one["reste, tf.pow (before)"]().numpy(),
+        one["reste, XLA flat (shipped)"]().numpy(),
         rtol=1e-4,
         atol=1e-5,
     )
@@ -132,11 +158,13 @@ def main(argv=None):
         for name, fn in variants.items():
             start = time.perf_counter()
             fn().numpy()
-            times[name].append(1000 * (time.perf_counter() - start))
+            times[name].append(1000 * (time.perf_counter() - start) / count)
     base = statistics.median(times["ste_sign backward (Larq)"])
     print(
-        f"backward of a {'x'.join(map(str, args.shape))} float32 tensor, median of "
-        f"{args.repeats} interleaved runs, {os.cpu_count()} CPUs, TF {tf.__version__}"
+        f"one pass over a {'x'.join(map(str, args.shape))} float32 tensor, median of "
+        f"{args.repeats} interleaved runs"
+        + (f" of {count} passes on different tensors" if args.from_memory else "")
+        + f", {os.cpu_count()} CPUs, TF {tf.__version__}"
     )
     print(f"{'variant':<32}{'median ms':>10}{'min':>8}{'max':>8}{'x ste_sign':>12}")
     for name, ts in times.items():

@@ -277,6 +277,39 @@ def test_flat_signswish_forward_equals_its_nhwc_compilation():
     )
 
 
+@pytest.mark.parametrize("dtype", [tf.float32, tf.bfloat16, tf.float16])
+@pytest.mark.parametrize("shape", [(4, 32, 32, 16), (3, 3, 16, 32), (7,)])
+@pytest.mark.parametrize("clip_value", [1.0, 0.5, None])
+def test_fused_ste_sign_equals_larq_ste_sign_bit_for_bit(dtype, shape, clip_value):
+    """ "ste" is `FusedSteSign`: Larq's `ste_sign` with a one-pass backward on
+    activations (XLA; the 4x32x32x16 case) and Larq's ops on kernel-sized tensors."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal(shape).astype(np.float32) * 1.2
+    x.flat[: len(SPECIAL)] = np.clip(SPECIAL, -6e4, 6e4)[: x.size]
+    x.flat[:4] = [1.0, -1.0, 0.5, -0.5][: x.size]  # the clip borders themselves
+    x, dy = tf.cast(x, dtype), tf.cast(rng.standard_normal(shape), dtype)
+    grads = []
+    for fn in (Q.fused_ste_sign, lq.quantizers.ste_sign):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = fn(x, clip_value=clip_value)
+        grads.append((y, tape.gradient(y, x, output_gradients=dy)))
+    (y_fused, g_fused), (y_larq, g_larq) = grads
+    bits = np.uint32 if dtype == tf.float32 else np.uint16
+    np.testing.assert_array_equal(y_fused.numpy().view(bits), y_larq.numpy().view(bits))
+    np.testing.assert_array_equal(g_fused.numpy().view(bits), g_larq.numpy().view(bits))
+    if clip_value is not None:  # the test would notice a gradient that ignores the clip
+        assert (g_larq.numpy()[np.abs(x.numpy().astype(np.float32)) > clip_value] == 0).all()
+
+
+def test_ste_names_resolve_to_fused_ste_sign_and_ste_sign_stays_larqs():
+    assert type(lq.quantizers.get("ste")) is Q.FusedSteSign
+    assert type(lq.quantizers.get("bnn")) is Q.FusedSteSign
+    assert type(lq.quantizers.get("ste_sign")) is lq.quantizers.SteSign
+    assert isinstance(lq.quantizers.get("ste"), lq.quantizers.SteSign)
+    assert Q.estimator_quantizers("bnnpp")[0].__class__ is Q.FusedSteSign
+
+
 # --------------------------------------------------- every quantizer, by name
 @pytest.mark.parametrize("name", QUANTIZER_NAMES)
 def test_names_resolve_to_binary_quantizers(name):
@@ -330,6 +363,7 @@ def test_flip_ratio_metric_supported(name):
         Q.WrnSign(),
         Q.BNNPlus(beta=3.0),
         Q.MeanAbsScaled(Q.ReSTE(o=1.5)),
+        Q.FusedSteSign(clip_value=0.5),
     ],
 )
 def test_config_round_trip(quantizer):
