@@ -11,7 +11,9 @@
 A variant is an estimator name ("float": the full-precision twin) with options: +jit
 (`model.compile(jit_compile=True)`, the CLI's --jit-compile), +bf16 / +fp16 (Keras
 mixed precision, the CLI's --mixed-precision), +padcopy (one-padding trained through
-Larq's padded copy, `OnePaddedQuantConv2D.decompose_padding = False`), +kd (a
+Larq's padded copy, `OnePaddedQuantConv2D.decompose_padding = False`), +larqste
+(Larq's `SteSign` wherever the model has `FusedSteSign`: ste, bnnpp and wrn_sign as
+they trained before the fused backward; the same values), +kd (a
 `reste_larq.distill.Distiller` with the float twin as its teacher: the cost of
 `--teacher`), +a32 (real activations, binary kernels: what the kernel's quantizer and
 weight scale cost) or +w32 (real kernels, binary one-padded activations: what
@@ -63,6 +65,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from reste_larq import distill, layers, models, training  # noqa: E402
+from reste_larq import quantizers as Q  # noqa: E402
 
 DEFAULT_ESTIMATORS = ["ste", "reste", "bnnpp", "binary_connect", "bnn+", "approx_sign"]
 POLICIES = {"bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
@@ -76,7 +79,7 @@ def split_variant(variant):
     """ "reste+jit+bf16" -> ("reste", ["jit", "bf16"]); "bnn+" keeps its own "+"."""
     options = []
     while True:
-        for option in ("jit", "kd", "padcopy", "zeropad", "a32", "w32", *POLICIES):
+        for option in ("jit", "kd", "padcopy", "larqste", "zeropad", "a32", "w32", *POLICIES):
             if variant.endswith("+" + option):
                 options.insert(0, option)
                 variant = variant[: -len(option) - 1]
@@ -110,6 +113,15 @@ def make_model(variant, model_name):
             for layer in model.submodules:
                 if isinstance(layer, lq.layers.QuantConv2D):
                     layer.input_quantizer = _floor_sign
+        if "larqste" in options:  # Larq's SteSign, unfused, where "ste" is FusedSteSign
+            for layer in model.submodules:
+                for attr in ("input_quantizer", "kernel_quantizer"):
+                    q = getattr(layer, attr, None)
+                    owner = q if isinstance(q, Q.MeanAbsScaled) else layer
+                    name = "quantizer" if owner is q else attr
+                    inner = getattr(owner, name, None)
+                    if isinstance(inner, Q.FusedSteSign):
+                        setattr(owner, name, lq.quantizers.SteSign(clip_value=inner.clip_value))
         if "padcopy" in options:  # one-padding as Larq's tf.pad copy, also in training
             for layer in model.submodules:
                 if isinstance(layer, layers.OnePaddedQuantConv2D):
