@@ -398,8 +398,8 @@ class FusedSteSign(lq.quantizers.SteSign):
     \end{cases}
     \\]
 
-    The estimators `ste`, `bnnpp` and `wrn_sign` use it for activations; "ste_sign"
-    stays Larq's own class.
+    The estimators `ste` (activations and kernels), `bnnpp` and `wrn_sign`
+    (activations) use it; "ste_sign" stays Larq's own class.
 
     ```python
     QuantConv2D(64, 3, input_quantizer="ste", kernel_quantizer="ste", use_bias=False)
