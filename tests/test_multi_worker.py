@@ -257,7 +257,7 @@ def test_a_chief_killed_or_hung_in_export_stops_the_other_worker_in_time(
     assert last_lines(logs)[1] == (
         f"error: worker0 {says}: it failed, hangs or was killed during evaluation or "
         "export (see its log)"
-    )
+    ), (code, (logs / "worker1.log").read_text()[-3000:])
 
 
 @pytest.mark.slow  # one two-worker ImageNet (mock data) run of one epoch: about a minute
