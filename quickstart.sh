@@ -37,6 +37,14 @@ if [ ! -d "$data" ]; then
   fi
 fi
 
+# g++ builds reste_larq's native CPU kernels on first use (reste_larq/native): without
+# it training works, with the slower XLA kernels and a warning saying so.
+if ! command -v g++ >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  echo "== Installing g++ (apt-get) for reste_larq's native kernels"
+  apt-get update -qq && apt-get install -y -qq g++ >/dev/null \
+    || echo "   could not install g++: training will use the XLA kernels"
+fi
+
 run="quickstart_$(date +%Y%m%d_%H%M%S)"
 echo "== Training resnet20_1w1a with ReSTE on Fashion-MNIST ($data), then export and evaluate"
 python -m train.cifar --dataset fashion_mnist --quantizer reste --epochs 3 --warmup 1 \

@@ -36,7 +36,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_throughput import make_model  # noqa: E402
+from train_throughput import kernels_for, make_model  # noqa: E402
 
 # Executor bookkeeping events that wrap ops rather than being ops.
 _NOT_OPS = ("ExecutorState::", "ThreadpoolListener::")
@@ -87,8 +87,9 @@ def op_type_times(xplane_path: str) -> collections.Counter:
 
 
 def profile(variant, model_name, data, steps, trace_dir):
-    model = make_model(variant, model_name)
-    model.fit(data.take(2), epochs=1, verbose=0)  # trace + warm up
+    with kernels_for(variant):
+        model = make_model(variant, model_name)
+        model.fit(data.take(2), epochs=1, verbose=0)  # trace + warm up
     model.fit(data.take(2), epochs=1, verbose=0)
     logdir = os.path.join(trace_dir, variant.replace("+", "_"))
     tf.profiler.experimental.start(logdir)

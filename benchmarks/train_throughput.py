@@ -13,7 +13,9 @@ A variant is an estimator name ("float": the full-precision twin) with options: 
 mixed precision, the CLI's --mixed-precision), +padcopy (one-padding trained through
 Larq's padded copy, `OnePaddedQuantConv2D.decompose_padding = False`), +larqste
 (Larq's `SteSign` wherever the model has `FusedSteSign`: ste, bnnpp and wrn_sign as
-they trained before the fused backward; the same values), +kd (a
+they trained before the fused backward; the same values), +xla (the estimators' XLA
+backward kernels instead of the native ones, `RESTE_LARQ_NATIVE=0` while the model is
+traced: the code before reste_larq.native; the same values), +kd (a
 `reste_larq.distill.Distiller` with the float twin as its teacher: the cost of
 `--teacher`), +a32 (real activations, binary kernels: what the kernel's quantizer and
 weight scale cost) or +w32 (real kernels, binary one-padded activations: what
@@ -49,6 +51,7 @@ the same model measure 754 or 376 img/s from call to call.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -79,7 +82,17 @@ def split_variant(variant):
     """ "reste+jit+bf16" -> ("reste", ["jit", "bf16"]); "bnn+" keeps its own "+"."""
     options = []
     while True:
-        for option in ("jit", "kd", "padcopy", "larqste", "zeropad", "a32", "w32", *POLICIES):
+        for option in (
+            "jit",
+            "kd",
+            "padcopy",
+            "larqste",
+            "xla",
+            "zeropad",
+            "a32",
+            "w32",
+            *POLICIES,
+        ):
             if variant.endswith("+" + option):
                 options.insert(0, option)
                 variant = variant[: -len(option) - 1]
@@ -94,6 +107,24 @@ def _floor_sign(x):
     TensorFlow op forward (Sign) and one backward (a Mul over the input). Its values are
     not any estimator's (sign(0) = 0; gradient dy * x): it measures a cost, not a method."""
     return tf.sign(x), lambda dy: dy * x
+
+
+@contextlib.contextmanager
+def kernels_for(variant):
+    """+xla: RESTE_LARQ_NATIVE=0 while the variant's model is built and its step traced
+    (the quantizers choose their backward kernels when the step is traced)."""
+    if "xla" not in split_variant(variant)[1]:
+        yield
+        return
+    before = os.environ.get("RESTE_LARQ_NATIVE")
+    os.environ["RESTE_LARQ_NATIVE"] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["RESTE_LARQ_NATIVE"]
+        else:
+            os.environ["RESTE_LARQ_NATIVE"] = before
 
 
 def make_model(variant, model_name):
@@ -175,8 +206,9 @@ def main(argv=None):
 
     compiled = {}
     for name in args.estimators:
-        compiled[name] = make_model(name, args.model)
-        compiled[name].fit(data, epochs=1, verbose=0)  # trace + warm up
+        with kernels_for(name):
+            compiled[name] = make_model(name, args.model)
+            compiled[name].fit(data, epochs=1, verbose=0)  # trace + warm up
 
     rates = {name: [] for name in args.estimators}
     order = list(args.estimators)

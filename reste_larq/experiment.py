@@ -37,7 +37,7 @@ import tensorflow as tf
 
 from reste_larq import callbacks as cb
 from reste_larq import data as data_lib
-from reste_larq import distribute, export, models, provenance, rundir, training
+from reste_larq import distribute, export, models, native, provenance, rundir, training
 from reste_larq.config import PRECISION_CHOICES, PRECISION_POLICIES, RunConfig
 from reste_larq.distill import Distiller
 from reste_larq.errors import ConfigError, DataFormatError, DataNotFoundError, RunError
@@ -497,6 +497,9 @@ class Experiment:
                 + ("" if policy == "float32" else " (variables float32; the .tflite float32)"),
                 flush=True,
             )
+            if config.quantizer != "float":
+                native.ops()  # built here (once per TensorFlow), not inside the first step
+                print(f"estimator backward: {native.status()}", flush=True)
         os.makedirs(out.path, exist_ok=True)
         with strategy.scope():
             model = build_model(config, data.num_classes, data.input_shape)

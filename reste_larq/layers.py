@@ -44,6 +44,8 @@ import numpy as np
 import tensorflow as tf
 from larq import utils as lq_utils
 
+from reste_larq import native
+
 
 def _run_lengths(touch):
     """(leading, trailing) counts of True in a 1-D mask that is True only at its ends."""
@@ -142,8 +144,18 @@ class OnePaddedQuantConv2D(lq.layers.QuantConv2D):
         return _add_at_border(outputs, border, positions, strips)
 
 
-@tf.function(jit_compile=True)
 def _border_sums(dy, strips):
+    """dy summed over the batch at the border strips: the native kernel where it loaded
+    (no XLA launch: reste_larq.native), else the XLA function."""
+    kernels = native.ops() if dy.dtype in native.DTYPES else None
+    if kernels is None:
+        return _border_sums_xla(dy, strips)
+    rt, rb, cl, cr = (int(v) for v in strips)
+    return kernels.border_sums(dy, rt=rt, rb=rb, cl=cl, cr=cr)
+
+
+@tf.function(jit_compile=True)
+def _border_sums_xla(dy, strips):
     # XLA reads the border strips inside the reduction; as TensorFlow ops, the strided
     # slices copied them first and cost as much as the sum they saved.
     rt, rb, cl, cr = strips

@@ -44,6 +44,7 @@ import tensorflow as tf
 from larq import utils as lq_utils
 from larq.quantizers import _BaseQuantizer, _clipped_gradient
 
+from reste_larq import native
 from reste_larq.errors import ConfigError
 
 __all__ = [
@@ -145,6 +146,15 @@ def _reste_backward(x, dy, o, t, interval):
     return dy * tf.cast(reste_gradient(x, o, t, interval), dy.dtype)
 
 
+def _reste_dx(x, dy, o, t, interval):
+    """dy * reste_gradient(x, o): the native kernel where it loaded (one pass, no XLA
+    launch: reste_larq.native), else the XLA kernel."""
+    kernels = native.ops() if x.dtype == dy.dtype and x.dtype in native.DTYPES else None
+    if kernels is None:
+        return _reste_backward(x, dy, o, t, interval)
+    return kernels.reste_grad(x, dy, tf.cast(o, tf.float32), t=t, interval=interval)
+
+
 def reste_sign(x, o=1.0, t=1.5, interval=0.1):
     """sign(x) forward (`larq.math.sign`), ReSTE backward (`reste_gradient`)."""
     o = tf.convert_to_tensor(o, tf.float32)
@@ -152,7 +162,7 @@ def reste_sign(x, o=1.0, t=1.5, interval=0.1):
     @tf.custom_gradient
     def _call(x):
         def grad(dy):
-            return _reste_backward(x, dy, o, float(t), float(interval))
+            return _reste_dx(x, dy, o, float(t), float(interval))
 
         return lq.math.sign(x), grad
 
@@ -244,12 +254,20 @@ def _ste_backward(x, dy, clip_value):
 
 def fused_ste_sign(x, clip_value=1.0):
     """`larq.quantizers.ste_sign` (sign forward, dy on |x| <= clip_value backward) with
-    its backward fused into one XLA pass on activations; the same values, bit for bit."""
+    its backward in one pass: the native kernel where it loaded (`reste_larq.native`),
+    else one XLA pass on activations and Larq's ops on small kernels. The same values,
+    bit for bit."""
 
     @tf.custom_gradient
     def _call(x):
         def grad(dy):
-            if clip_value is None or _small(x):
+            if clip_value is None:
+                return dy
+            kernels = native.ops() if x.dtype == dy.dtype in native.DTYPES else None
+            if kernels is not None:
+                # one pass, no XLA launch (reste_larq.native); a select, as Larq's
+                return kernels.ste_grad(x, dy, tf.convert_to_tensor(clip_value, x.dtype))
+            if _small(x):
                 return _clipped_gradient(x, dy, clip_value)
             return _ste_backward(x, dy, tf.cast(clip_value, x.dtype))
 
