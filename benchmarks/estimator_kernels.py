@@ -7,12 +7,15 @@ the ReSTE/BNN++ speed-ups.
 Times d(loss)/dx = dy * q'(x) for a 128x32x32x16 float32 tensor (the largest binary
 activation of resnet20_1w1a at batch 128), interleaved, median of --repeats:
 - ste_sign (Larq): where(|x| <= 1, dy, 0), unfused TF ops; the same as an XLA kernel
-  on the NHWC tensor and flattened (`FusedSteSign`, the "ste" estimator's, shipped);
+  on the NHWC tensor and flattened (`FusedSteSign` without the native kernels);
   and the mask product dy * (|x| <= 1) in TF ops (a candidate, not shipped);
 - reste, pow form (the first implementation): tf.pow, which has no vectorized CPU kernel;
 - reste, exp/log form, unfused TF ops;
 - reste, exp/log form fused by XLA (`reste_larq.quantizers._reste_backward`), on the
-  NHWC tensor as before and flattened to 1-D as shipped (bit-identical values);
+  NHWC tensor as before and flattened to 1-D (bit-identical values), what trains where
+  the native kernels do not build;
+- the native kernels (`reste_larq.native`, shipped where g++ builds them): the STE's
+  and ReSTE's backward as compiled TensorFlow ops;
 - bnn+ (Larq's swish_sign backward) and the XLA-fused SignSwish derivative (bnnpp,
   bnn+), NHWC (before) and flat (shipped);
 - the plain product x * dy as a TensorFlow `Mul` and as an XLA function on the NHWC
@@ -42,6 +45,7 @@ import larq as lq  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from reste_larq import native  # noqa: E402
 from reste_larq import quantizers as Q  # noqa: E402
 
 
@@ -109,11 +113,11 @@ def main(argv=None):
         "ste_sign backward (Larq)": ste_backward,
         "ste_sign, XLA": lambda x, dy: ste_backward_xla(x, dy),
         "ste_sign, mask product": ste_backward_mask_product,
-        "ste, XLA flat (shipped)": lambda x, dy: Q._ste_backward(x, dy, 1.0),
+        "ste, XLA flat (no g++)": lambda x, dy: Q._ste_backward(x, dy, 1.0),
         "reste, tf.pow (before)": lambda x, dy: reste_backward_pow(x, dy, o),
         "reste, exp/log unfused": lambda x, dy: reste_backward_unfused(x, dy, o),
         "reste, XLA on NHWC (before)": lambda x, dy: Q._reste_backward.compiled(x, dy, o, 1.5, 0.1),
-        "reste, XLA flat (shipped)": lambda x, dy: Q._reste_backward(x, dy, o, 1.5, 0.1),
+        "reste, XLA flat (no g++)": lambda x, dy: Q._reste_backward(x, dy, o, 1.5, 0.1),
         "swish_sign backward (Larq)": larq_swish_backward,
         "signswish XLA on NHWC (before)": lambda x, dy: Q._signswish_backward.compiled(x, dy, mu),
         "signswish XLA flat (shipped)": lambda x, dy: Q._signswish_backward(x, dy, mu),
@@ -124,6 +128,13 @@ def main(argv=None):
         "fwd: sign - 1, TF ops": lambda x, dy: lq.math.sign(x) - 1.0,
         "fwd: sign - 1, XLA": lambda x, dy: sign_minus_one_xla(x),
     }
+
+    kernels = native.ops()  # reste_larq.native: the default where they build
+    if kernels is not None:
+        passes["ste, native (shipped)"] = lambda x, dy: kernels.ste_grad(x, dy, tf.constant(1.0))
+        passes["reste, native (shipped)"] = lambda x, dy: kernels.reste_grad(
+            x, dy, o, t=1.5, interval=0.1
+        )
 
     def timed(f):
         if not args.from_memory:
@@ -138,16 +149,25 @@ def main(argv=None):
     one = {name: tf.function(lambda f=f: f(xs[0], dys[0])) for name, f in passes.items()}
     for a, b in (
         ("ste_sign backward (Larq)", "ste_sign, mask product"),
-        ("ste_sign backward (Larq)", "ste, XLA flat (shipped)"),
+        ("ste_sign backward (Larq)", "ste, XLA flat (no g++)"),
         ("fwd: sign - 1, TF ops", "fwd: sign - 1, XLA"),
-        ("reste, XLA on NHWC (before)", "reste, XLA flat (shipped)"),
+        ("reste, XLA on NHWC (before)", "reste, XLA flat (no g++)"),
         ("signswish XLA on NHWC (before)", "signswish XLA flat (shipped)"),
         ("x * dy, XLA on NHWC", "x * dy, XLA flat"),
     ):
         np.testing.assert_array_equal(one[a]().numpy(), one[b]().numpy())
+    if kernels is not None:
+        np.testing.assert_array_equal(
+            one["ste_sign backward (Larq)"]().numpy(), one["ste, native (shipped)"]().numpy()
+        )
+        np.testing.assert_allclose(
+            one["reste, native (shipped)"]().numpy(),
+            one["reste, XLA flat (no g++)"]().numpy(),
+            rtol=5e-7,
+        )
     np.testing.assert_allclose(
         one["reste, tf.pow (before)"]().numpy(),
-        one["reste, XLA flat (shipped)"]().numpy(),
+        one["reste, XLA flat (no g++)"]().numpy(),
         rtol=1e-4,
         atol=1e-5,
     )
