@@ -263,7 +263,7 @@ def fused_ste_sign(x, clip_value=1.0):
         def grad(dy):
             if clip_value is None:
                 return dy
-            kernels = native.ops() if x.dtype == dy.dtype in native.DTYPES else None
+            kernels = native.ops() if x.dtype == dy.dtype and x.dtype in native.DTYPES else None
             if kernels is not None:
                 # one pass, no XLA launch (reste_larq.native); a select, as Larq's
                 return kernels.ste_grad(x, dy, tf.convert_to_tensor(clip_value, x.dtype))
