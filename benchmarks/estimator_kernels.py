@@ -21,9 +21,10 @@ activation of resnet20_1w1a at batch 128), interleaved, median of --repeats:
 - the plain product x * dy as a TensorFlow `Mul` and as an XLA function on the NHWC
   tensor and flat: XLA's CPU code for a 16-channel NHWC tensor vectorizes across the
   wrong axis (masked gathers/scatters), which flattening avoids;
-- and three forward passes ("fwd"): `larq.math.sign` (three TF ops, shipped), and the
-  candidates sign(x) - 1 as TF ops and as one XLA kernel (a shifted one-padded conv's
-  input; tried and reverted, docs/results.md).
+- and four forward passes ("fwd"): `larq.math.sign` (three TF ops, what inference
+  graphs keep), the native `BinarySign` (one pass, what training steps run where the
+  kernels build), and the candidates sign(x) - 1 as TF ops and as one XLA kernel (a
+  shifted one-padded conv's input; tried and reverted, docs/results.md).
 
 By default every call reads the same x and dy, which stay in the CPU's cache.
 `--from-memory K` times K passes per call over K different (x, dy) pairs, so each pass
@@ -135,6 +136,7 @@ def main(argv=None):
         passes["reste, native (shipped)"] = lambda x, dy: kernels.reste_grad(
             x, dy, o, t=1.5, interval=0.1
         )
+        passes["fwd: BinarySign, native (training)"] = lambda x, dy: kernels.binary_sign(x)
 
     def timed(f):
         if not args.from_memory:
@@ -159,6 +161,10 @@ def main(argv=None):
     if kernels is not None:
         np.testing.assert_array_equal(
             one["ste_sign backward (Larq)"]().numpy(), one["ste, native (shipped)"]().numpy()
+        )
+        np.testing.assert_array_equal(
+            one["fwd: larq.math.sign"]().numpy(),
+            one["fwd: BinarySign, native (training)"]().numpy(),
         )
         np.testing.assert_allclose(
             one["reste, native (shipped)"]().numpy(),

@@ -15,7 +15,11 @@ Larq's padded copy, `OnePaddedQuantConv2D.decompose_padding = False`), +larqste
 (Larq's `SteSign` wherever the model has `FusedSteSign`: ste, bnnpp and wrn_sign as
 they trained before the fused backward; the same values), +xla (the estimators' XLA
 backward kernels instead of the native ones, `RESTE_LARQ_NATIVE=0` while the model is
-traced: the code before reste_larq.native; the same values), +kd (a
+traced: the code before reste_larq.native; the same values), +larqsign (the
+training forward's sign as Larq's three ops, not the native `BinarySign`: the code
+before it; the same values), +scatteradd (the one-padded convs' border term forward by
+TensorFlow's scatter and add, not the native in-place `AddAtBorder`: the code before it;
+the same values), +kd (a
 `reste_larq.distill.Distiller` with the float twin as its teacher: the cost of
 `--teacher`), +a32 (real activations, binary kernels: what the kernel's quantizer and
 weight scale cost) or +w32 (real kernels, binary one-padded activations: what
@@ -88,6 +92,8 @@ def split_variant(variant):
             "padcopy",
             "larqste",
             "xla",
+            "larqsign",
+            "scatteradd",
             "zeropad",
             "a32",
             "w32",
@@ -112,17 +118,22 @@ def _floor_sign(x):
 @contextlib.contextmanager
 def kernels_for(variant):
     """+xla: RESTE_LARQ_NATIVE=0 while the variant's model is built and its step traced
-    (the quantizers choose their backward kernels when the step is traced)."""
-    if "xla" not in split_variant(variant)[1]:
-        yield
-        return
+    (the quantizers choose their kernels when the step is traced); +larqsign: the
+    training forward's sign as Larq's three TensorFlow ops instead of the native one-pass
+    `BinarySign` (the same values)."""
+    options = split_variant(variant)[1]
     before = os.environ.get("RESTE_LARQ_NATIVE")
-    os.environ["RESTE_LARQ_NATIVE"] = "0"
+    binary_sign = Q.binary_sign
+    if "xla" in options:
+        os.environ["RESTE_LARQ_NATIVE"] = "0"
+    if "larqsign" in options:
+        Q.binary_sign = lambda x, training=None: lq.math.sign(x)
     try:
         yield
     finally:
+        Q.binary_sign = binary_sign
         if before is None:
-            del os.environ["RESTE_LARQ_NATIVE"]
+            os.environ.pop("RESTE_LARQ_NATIVE", None)
         else:
             os.environ["RESTE_LARQ_NATIVE"] = before
 
@@ -157,6 +168,10 @@ def make_model(variant, model_name):
             for layer in model.submodules:
                 if isinstance(layer, layers.OnePaddedQuantConv2D):
                     layer.decompose_padding = False
+        if "scatteradd" in options:  # the border term by TensorFlow's scatter and add
+            for layer in model.submodules:
+                if isinstance(layer, layers.OnePaddedQuantConv2D):
+                    layer.add_border_in_place = False
         if "kd" in options:  # the teacher's weights do not matter for the cost
             teacher = models.build(model_name, quantizer="float")
             model = distill.Distiller(model, teacher, alpha=1.0, temperature=1.0)

@@ -95,9 +95,12 @@ class OnePaddedQuantConv2D(lq.layers.QuantConv2D):
     padding costs no padded copy while training (see the module docstring).
 
     `decompose_padding = False` (on the class or a layer, before the first call) trains
-    with Larq's padded copy instead, e.g. to measure the difference."""
+    with Larq's padded copy instead, e.g. to measure the difference;
+    `add_border_in_place = False` adds the border term with TensorFlow's scatter and add
+    where the native `AddAtBorder` would be used (the same values)."""
 
     decompose_padding = True
+    add_border_in_place = True
 
     def _decomposed(self, training) -> bool:
         # Only where the identity holds as written below; everything else is Larq's path.
@@ -141,13 +144,13 @@ class OnePaddedQuantConv2D(lq.layers.QuantConv2D):
         # each border output is taps @ (k summed over input channels).
         summed = tf.reshape(tf.reduce_sum(kernel, axis=2), [-1, self.filters])
         border = tf.matmul(tf.constant(taps, kernel.dtype), summed)  # [positions, filters]
-        return _add_at_border(outputs, border, positions, strips)
+        return _add_at_border(outputs, border, positions, strips, self.add_border_in_place)
 
 
 def _border_sums(dy, strips):
     """dy summed over the batch at the border strips: the native kernel where it loaded
     (no XLA launch: reste_larq.native), else the XLA function."""
-    kernels = native.ops() if dy.dtype in native.DTYPES else None
+    kernels = native.ops_for(dy)
     if kernels is None:
         return _border_sums_xla(dy, strips)
     rt, rb, cl, cr = (int(v) for v in strips)
@@ -167,17 +170,26 @@ def _border_sums_xla(dy, strips):
     return tf.cast(tf.concat(sums, axis=0), dy.dtype)
 
 
-def _add_at_border(outputs, values, positions, strips):
-    """outputs + values scattered to the border `positions` of every image. The gradient
-    for `values` sums the batch over the border strips only (`_border_sums`): Keras'
-    broadcast add would sum the whole output over the batch, a full pass per layer."""
+def _add_at_border(outputs, values, positions, strips, in_place=True):
+    """outputs + values scattered to the border `positions` of every image: the native
+    `AddAtBorder` where the kernels loaded (it adds in place, a pass over the border
+    strips, where a scatter and a broadcast add make a full pass over the output), else
+    TensorFlow's ops. The gradient for `values` sums the batch over the border strips
+    only (`_border_sums`): Keras' broadcast add would sum the whole output over the
+    batch, a full pass per layer."""
     _, ho, wo, filters = outputs.shape
     index = tf.constant(positions[:, None])
+    kernels = native.ops_for(outputs, values) if in_place else None
+    rt, rb, cl, cr = (int(v) for v in strips)
 
     @tf.custom_gradient
     def add(outputs, values):
-        dense = tf.scatter_nd(index, values, [ho * wo, filters])
-        result = outputs + tf.reshape(dense, [1, ho, wo, filters])
+        if kernels is not None:
+            # in the conv's output buffer, only the border strips touched (native)
+            result = kernels.add_at_border(outputs, values, rt=rt, rb=rb, cl=cl, cr=cr)
+        else:
+            dense = tf.scatter_nd(index, values, [ho * wo, filters])
+            result = outputs + tf.reshape(dense, [1, ho, wo, filters])
 
         def grad(dy):
             return dy, _border_sums(dy, strips)

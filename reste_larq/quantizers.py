@@ -61,6 +61,7 @@ __all__ = [
     "ReSTE",
     "WrnSign",
     "binary_connect_sign",
+    "binary_sign",
     "biper_regularizer",
     "biper_weight",
     "bnnpp_sign",
@@ -149,14 +150,27 @@ def _reste_backward(x, dy, o, t, interval):
 def _reste_dx(x, dy, o, t, interval):
     """dy * reste_gradient(x, o): the native kernel where it loaded (one pass, no XLA
     launch: reste_larq.native), else the XLA kernel."""
-    kernels = native.ops() if x.dtype == dy.dtype and x.dtype in native.DTYPES else None
+    kernels = native.ops_for(x, dy)
     if kernels is None:
         return _reste_backward(x, dy, o, t, interval)
     return kernels.reste_grad(x, dy, tf.cast(o, tf.float32), t=t, interval=interval)
 
 
-def reste_sign(x, o=1.0, t=1.5, interval=0.1):
-    """sign(x) forward (`larq.math.sign`), ReSTE backward (`reste_gradient`)."""
+def binary_sign(x, training=None):
+    """`larq.math.sign(x)`; in a training step (`training=True`) one native pass where
+    the kernels loaded (`reste_larq.native`), the same values, where Larq's form makes
+    three passes over memory. Graphs traced with training False or None, which LCE
+    converts, keep Larq's ops, the pattern LCE fuses into its binary convolution."""
+    if training is True:
+        kernels = native.ops_for(x)
+        if kernels is not None:
+            return kernels.binary_sign(x)
+    return lq.math.sign(x)
+
+
+def reste_sign(x, o=1.0, t=1.5, interval=0.1, training=None):
+    """sign(x) forward (`larq.math.sign`, see `binary_sign` for `training`), ReSTE
+    backward (`reste_gradient`)."""
     o = tf.convert_to_tensor(o, tf.float32)
 
     @tf.custom_gradient
@@ -164,7 +178,7 @@ def reste_sign(x, o=1.0, t=1.5, interval=0.1):
         def grad(dy):
             return _reste_dx(x, dy, o, float(t), float(interval))
 
-        return lq.math.sign(x), grad
+        return binary_sign(x, training), grad
 
     return _call(x)
 
@@ -252,18 +266,18 @@ def _ste_backward(x, dy, clip_value):
     return _clipped_gradient(x, dy, clip_value)
 
 
-def fused_ste_sign(x, clip_value=1.0):
+def fused_ste_sign(x, clip_value=1.0, training=None):
     """`larq.quantizers.ste_sign` (sign forward, dy on |x| <= clip_value backward) with
     its backward in one pass: the native kernel where it loaded (`reste_larq.native`),
     else one XLA pass on activations and Larq's ops on small kernels. The same values,
-    bit for bit."""
+    bit for bit. `training`: see `binary_sign`."""
 
     @tf.custom_gradient
     def _call(x):
         def grad(dy):
             if clip_value is None:
                 return dy
-            kernels = native.ops() if x.dtype == dy.dtype and x.dtype in native.DTYPES else None
+            kernels = native.ops_for(x, dy)
             if kernels is not None:
                 # one pass, no XLA launch (reste_larq.native); a select, as Larq's
                 return kernels.ste_grad(x, dy, tf.convert_to_tensor(clip_value, x.dtype))
@@ -271,7 +285,7 @@ def fused_ste_sign(x, clip_value=1.0):
                 return _clipped_gradient(x, dy, clip_value)
             return _ste_backward(x, dy, tf.cast(clip_value, x.dtype))
 
-        return lq.math.sign(x), grad
+        return binary_sign(x, training), grad
 
     return _call(x)
 
@@ -381,8 +395,8 @@ class ReSTE(_ScheduledSign):
         _check(float(value) >= 1.0, f"ReSTE: o must be >= 1 (got {value}).")
         self.schedule_variable.assign(float(value))
 
-    def call(self, inputs):
-        outputs = reste_sign(inputs, self._value(), self.t, self.interval)
+    def call(self, inputs, training=None):
+        outputs = reste_sign(inputs, self._value(), self.t, self.interval, training=training)
         return super().call(outputs)
 
     def get_config(self):
@@ -417,8 +431,8 @@ class FusedSteSign(lq.quantizers.SteSign):
     ```
     """
 
-    def call(self, inputs):
-        outputs = fused_ste_sign(inputs, clip_value=self.clip_value)
+    def call(self, inputs, training=None):
+        outputs = fused_ste_sign(inputs, clip_value=self.clip_value, training=training)
         return _BaseQuantizer.call(self, outputs)  # Larq's metrics, as SteSign.call
 
 

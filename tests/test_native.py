@@ -94,6 +94,44 @@ def test_ste_grad_equals_larqs_clipped_gradient_bit_for_bit(kernels, dtype, clip
 
 
 @needs_compiler
+@pytest.mark.parametrize("dtype", [tf.float32, tf.bfloat16])
+def test_binary_sign_equals_larqs_sign_bit_for_bit(kernels, dtype):
+    x, _ = _inputs(dtype)
+    got, larq = kernels.binary_sign(x).numpy(), lq.math.sign(x).numpy()
+    bits = np.uint32 if dtype == tf.float32 else np.uint16
+    nan = np.isnan(larq.astype(np.float32))
+    assert nan.sum() == 1 and np.isnan(got[nan].astype(np.float32)).all()
+    np.testing.assert_array_equal(got[~nan].view(bits), larq[~nan].view(bits))
+    assert set(np.unique(got[~nan].astype(np.float32))) == {-1.0, 1.0}
+
+
+@needs_compiler
+@pytest.mark.parametrize("quantizer", ["reste", "ste"])
+def test_only_training_traces_the_native_sign(kernels, quantizer):
+    """A training step's forward runs the one-pass sign; the graphs LCE converts
+    (training False or None) keep Larq's three ops, the pattern LCE fuses."""
+    from reste_larq.layers import OnePaddedQuantConv2D
+
+    conv = OnePaddedQuantConv2D(
+        16,
+        3,
+        padding="same",
+        pad_values=1.0,
+        input_quantizer=quantizer,
+        kernel_quantizer=quantizer,
+        use_bias=False,
+    )
+    x = tf.random.normal([8, 16, 16, 16])
+    training = _gradient_ops(lambda v: conv(v, training=True), x)
+    assert "BinarySign" in training and "Sign" not in training
+    for mode in (False, None):
+        inference = _forward_ops(lambda v: conv(v, training=mode), x)
+        assert "BinarySign" not in inference and "Sign" in inference
+    y_train, y_infer = conv(x, training=True), conv(x, training=False)
+    np.testing.assert_allclose(y_train.numpy(), y_infer.numpy(), rtol=1e-5, atol=1e-4)
+
+
+@needs_compiler
 def test_kernels_reject_mismatched_shapes(kernels):
     with pytest.raises((tf.errors.InvalidArgumentError, ValueError), match="shape"):
         kernels.reste_grad(tf.ones([4]), tf.ones([5]), tf.constant(2.0), t=1.5, interval=0.1)
@@ -112,6 +150,14 @@ def _gradient_ops(fn, x):
     graph = step.get_concrete_function(x).graph
     types = {op.type for op in graph.get_operations()}
     for function in graph._functions.values():  # the gradient's own function bodies
+        types |= {node.op for node in function.definition.node_def}
+    return types
+
+
+def _forward_ops(fn, x):
+    graph = tf.function(fn).get_concrete_function(x).graph
+    types = {op.type for op in graph.get_operations()}
+    for function in graph._functions.values():
         types |= {node.op for node in function.definition.node_def}
     return types
 
@@ -136,6 +182,8 @@ def test_training_uses_the_native_kernels_unless_switched_off(
     )
     conv_ops = _gradient_ops(lambda v: conv(v, training=True), x)
     assert ("BorderSums" in conv_ops) == (reste_op is not None)
+    assert ("AddAtBorder" in conv_ops) == (reste_op is not None)
+    assert ("ScatterNd" in conv_ops) == (reste_op is None)
     # and the gradient's values do not depend on the setting
     with tf.GradientTape() as tape:
         tape.watch(x)
@@ -221,6 +269,22 @@ def test_saved_models_store_no_native_op(kernels, tmp_path):
     assert types and not types & {"ResteGrad", "SteGrad"}
 
 
+@needs_compiler
+@pytest.mark.parametrize(
+    "dtypes, native_kernels",
+    [
+        ((tf.float32,), True),
+        ((tf.bfloat16, tf.bfloat16), True),
+        ((tf.float16, tf.float16), False),  # no float16 kernels: the XLA ones
+        ((tf.float32, tf.bfloat16), False),  # the kernels take one dtype
+        ((tf.float64,), False),
+    ],
+)
+def test_ops_for_chooses_by_dtype(kernels, dtypes, native_kernels):
+    tensors = [tf.zeros([4], dtype) for dtype in dtypes]
+    assert (native.ops_for(*tensors) is kernels) == native_kernels
+
+
 def test_a_visible_gpu_keeps_the_xla_kernels(monkeypatch):
     """The kernels are CPU-only: on a GPU machine they would copy every activation to
     the host and back (no GPU here; the decision is what is tested)."""
@@ -232,18 +296,18 @@ def test_a_visible_gpu_keeps_the_xla_kernels(monkeypatch):
     assert "ResteGrad" not in ops
 
 
+_STRIPS = [
+    ((8, 6, 6, 16), (1, 1, 1, 1)),  # 3x3 stride 1
+    ((8, 3, 3, 32), (0, 1, 0, 1)),  # 3x3 stride 2 on an even input
+    ((4, 7, 5, 3), (2, 1, 0, 2)),  # uneven strips, odd channels
+    ((2, 4, 4, 8), (0, 0, 0, 0)),  # no border
+    ((3, 2, 2, 4), (1, 1, 1, 1)),  # all border
+]
+
+
 @needs_compiler
 @pytest.mark.parametrize("dtype", [tf.float32, tf.bfloat16])
-@pytest.mark.parametrize(
-    "shape, strips",
-    [
-        ((8, 6, 6, 16), (1, 1, 1, 1)),  # 3x3 stride 1
-        ((8, 3, 3, 32), (0, 1, 0, 1)),  # 3x3 stride 2 on an even input
-        ((4, 7, 5, 3), (2, 1, 0, 2)),  # uneven strips, odd channels
-        ((2, 4, 4, 8), (0, 0, 0, 0)),  # no border
-        ((3, 2, 2, 4), (1, 1, 1, 1)),  # all border
-    ],
-)
+@pytest.mark.parametrize("shape, strips", _STRIPS)
 def test_border_sums_equal_the_xla_reduction(kernels, dtype, shape, strips):
     from reste_larq import layers
 
@@ -255,6 +319,73 @@ def test_border_sums_equal_the_xla_reduction(kernels, dtype, shape, strips):
     np.testing.assert_allclose(
         got.numpy().astype(np.float32), xla.numpy().astype(np.float32), rtol=rtol, atol=1e-6
     )
+
+
+def _border_positions(h, w, strips):
+    rt, rb, cl, cr = strips
+    grid = np.arange(h * w).reshape(h, w)
+    middle = grid[rt : h - rb]
+    parts = [grid[:rt], grid[h - rb :], middle[:, :cl], middle[:, w - cr :]]
+    return np.concatenate([p.ravel() for p in parts]).astype(np.int64)
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [tf.float32, tf.bfloat16])
+@pytest.mark.parametrize(
+    "shape, strips",
+    _STRIPS + [((64, 32, 32, 16), (1, 1, 1, 1))],  # sharded copy
+)
+@pytest.mark.parametrize("in_place", [False, True])
+def test_add_at_border_equals_the_scatter_and_add(kernels, dtype, shape, strips, in_place):
+    """The forward border term: the values of `outputs + scatter(values)`, whether the op
+    writes into its input's buffer (a fresh tensor in a traced function) or copies it
+    first (an input still referenced), and the input left as it was."""
+    _, h, w, c = shape
+    positions = _border_positions(h, w, strips)
+    outputs = tf.cast(tf.random.stateless_normal(shape, [3, 4]), dtype)
+    values = tf.cast(tf.random.stateless_normal([len(positions), c], [5, 6]), dtype)
+    before = outputs.numpy().copy()
+    rt, rb, cl, cr = strips
+
+    @tf.function
+    def fresh(outputs, values):  # the Mul's result has no other reader: forwardable
+        return kernels.add_at_border(outputs * 1.0, values, rt=rt, rb=rb, cl=cl, cr=cr)
+
+    if in_place:
+        got = fresh(outputs, values)
+    else:
+        got = kernels.add_at_border(outputs, values, rt=rt, rb=rb, cl=cl, cr=cr)
+    dense = tf.scatter_nd(tf.constant(positions[:, None]), values, [h * w, c])
+    expected = outputs + tf.reshape(dense, [1, h, w, c])
+    assert got.shape == shape and got.dtype == dtype
+    np.testing.assert_array_equal(
+        got.numpy().astype(np.float32), expected.numpy().astype(np.float32)
+    )
+    np.testing.assert_array_equal(outputs.numpy(), before)
+
+
+@needs_compiler
+def test_conv_adds_the_border_in_place_unless_told_not_to(kernels):
+    from reste_larq.layers import OnePaddedQuantConv2D
+
+    conv = OnePaddedQuantConv2D(
+        16, 3, padding="same", pad_values=1.0, input_quantizer="ste", use_bias=False
+    )
+    x = tf.random.normal([8, 16, 16, 16])
+    in_place = conv(x, training=True)
+    assert "AddAtBorder" in _forward_ops(lambda v: conv(v, training=True), x)
+    conv.add_border_in_place = False
+    ops = _forward_ops(lambda v: conv(v, training=True), x)
+    assert "AddAtBorder" not in ops and "ScatterNd" in ops
+    np.testing.assert_array_equal(in_place.numpy(), conv(x, training=True).numpy())
+
+
+@needs_compiler
+def test_add_at_border_rejects_values_of_the_wrong_shape(kernels):
+    with pytest.raises(tf.errors.InvalidArgumentError, match="values must have shape"):
+        kernels.add_at_border(tf.ones([2, 3, 3, 4]), tf.ones([7, 4]), rt=1, rb=1, cl=1, cr=1)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="border strips"):
+        kernels.add_at_border(tf.ones([2, 3, 3, 4]), tf.ones([9, 4]), rt=2, rb=2, cl=0, cr=0)
 
 
 @needs_compiler

@@ -1,16 +1,22 @@
-"""Native CPU kernels for the estimators' backward passes, built on first use.
+"""Native CPU kernels for the estimators' training passes, built on first use.
 
-Three TensorFlow ops compiled from ``reste_ops.cc`` (next to this file), in float32 and
+Five TensorFlow ops compiled from ``reste_ops.cc`` (next to this file), in float32 and
 bfloat16 (float16 keeps the XLA kernels):
 
 - ``reste_grad(x, dy, o, t=, interval=)``: ReSTE's backward, dy * g(x), within 4.3e-7
   (relative) of the XLA kernel, as close as that one is to TensorFlow's own exp and log;
 - ``ste_grad(x, dy, clip)``: the STE's, Larq's clipped select, bit for bit;
+- ``binary_sign(x)``: `larq.math.sign` in one pass (Larq's form makes three), bit for
+  bit, in training steps only (`reste_larq.quantizers.binary_sign`): the graphs LCE
+  converts keep Larq's ops;
 - ``border_sums(dy, rt=, rb=, cl=, cr=)``: the one-padded convs' border gradient
-  (`reste_larq.layers`), dy summed over the batch on the border strips.
+  (`reste_larq.layers`), dy summed over the batch on the border strips;
+- ``add_at_border(outputs, values, rt=, rb=, cl=, cr=)``: the same convs' border term
+  forward, added in the convolution's output buffer (the border strips only).
 
-`reste_larq.quantizers` and `reste_larq.layers` use them when they load and the XLA
-kernels otherwise (tests/test_native.py compares the two).
+`reste_larq.quantizers` and `reste_larq.layers` use them when they load, and the XLA
+kernels and TensorFlow ops they replace otherwise (tests/test_native.py compares the
+two).
 
 Why: inside a training step on this 2-core CPU, an XLA function costs more than the
 same memory work as a TensorFlow op. `benchmarks/train_throughput.py` variants,
@@ -63,13 +69,24 @@ from tensorflow.python.saved_model import save_context
 
 from reste_larq.errors import ConfigError
 
-__all__ = ["DTYPES", "NativeKernelsError", "SOURCE", "build", "mode", "ops", "status"]
+__all__ = ["DTYPES", "NativeKernelsError", "SOURCE", "build", "mode", "ops", "ops_for", "status"]
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reste_ops.cc")
 MODES = ("auto", "0", "1")
 DTYPES = (tf.float32, tf.bfloat16)  # the kernels' dtypes
 _BUILD_TIMEOUT_S = 600
-_FLAGS = ["-shared", "-fPIC", "-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno"]
+# -fno-trapping-math: without it GCC keeps the loops' conditional float operations as
+# branches where a CPU has no AVX-512 masks (AVX2: ReSTE's loop stayed scalar, 18.3 ms
+# against XLA's 2.5 per 128x32x32x16 pass); no kernel here reads floating-point flags.
+_FLAGS = [
+    "-shared",
+    "-fPIC",
+    "-O3",
+    "-march=native",
+    "-fopenmp-simd",
+    "-fno-math-errno",
+    "-fno-trapping-math",
+]
 
 _log = logging.getLogger(__name__)
 _lock = threading.Lock()
@@ -169,7 +186,7 @@ def build(cache_dir: str | None = None, cxx: str | None = None) -> str:
 
 @tf.autograph.experimental.do_not_convert  # called while a gradient is traced
 def ops():
-    """The loaded kernels (``.reste_grad``, ``.ste_grad``), or None where they are off
+    """The loaded kernels (``.reste_grad``, ``.ste_grad``, ...), or None where they are off
     (RESTE_LARQ_NATIVE=0) or did not build (a warning said why, once)."""
     global _loaded, _failure
     wanted = mode()
@@ -199,6 +216,16 @@ def ops():
     if _loaded is None and wanted == "1":
         raise NativeKernelsError(f"RESTE_LARQ_NATIVE=1 but the kernels did not load: {_failure}")
     return _loaded
+
+
+@tf.autograph.experimental.do_not_convert
+def ops_for(*tensors):
+    """`ops()` if the tensors share one of the kernels' dtypes (`DTYPES`), else None:
+    the kernels take their inputs in one dtype, float32 or bfloat16."""
+    dtypes = {t.dtype for t in tensors}
+    if len(dtypes) != 1 or dtypes.pop() not in DTYPES:
+        return None
+    return ops()
 
 
 @tf.autograph.experimental.do_not_convert

@@ -18,6 +18,7 @@
 #include <utility>
 #include <vector>
 
+#include "tensorflow/core/framework/common_shape_fns.h"
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/shape_inference.h"
@@ -160,6 +161,55 @@ Status CheckElementwise(OpKernelContext* ctx) {
   return OkStatus();
 }
 
+// ------------------------------------------------------------------------------- sign
+// y = larq.math.sign(x) = sign(sign(x) + 0.1): -1 where x < 0, NaN where x is NaN, +1
+// elsewhere (0 and -0 included), in one pass where Larq's form takes three. Used only
+// by training steps (`training=True`); the graphs LCE converts keep Larq's form.
+REGISTER_OP("BinarySign")
+    .Input("x: T")
+    .Attr("T: {float, bfloat16}")
+    .Output("y: T")
+    .SetShapeFn(shape_inference::UnchangedShape);
+
+template <typename D>
+class BinarySignOp : public OpKernel {
+ public:
+  explicit BinarySignOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& x = ctx->input(0);
+    Tensor* y = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0}, 0, x.shape(), &y));
+    using Int = typename D::Int;
+    const auto* xp = bits<D>(x);
+    // selects on the integer bits, every value read unconditionally: without AVX-512's
+    // masks a conditional read is control flow, and the loop stays scalar
+    const auto* xi = reinterpret_cast<const Int*>(xp);
+    auto* out = reinterpret_cast<Int*>(bits<D>(y));
+    Int one, minus_one;
+    const auto one_bits = D::store(1.0f), minus_one_bits = D::store(-1.0f);
+    std::memcpy(&one, &one_bits, sizeof(Int));
+    std::memcpy(&minus_one, &minus_one_bits, sizeof(Int));
+    auto work = [=](int64_t begin, int64_t end) {
+#pragma omp simd
+      for (int64_t i = begin; i < end; ++i) {
+        const float v = D::load(xp[i]);
+        // as masks, not selects: GCC leaves mixed-width selects (bfloat16) scalar
+        const Int negative = static_cast<Int>(-static_cast<Int>(v < 0.0f));
+        const Int nan = static_cast<Int>(-static_cast<Int>(v != v));
+        const Int sign = (minus_one & negative) | (one & ~negative);
+        out[i] = (xi[i] & nan) | (sign & ~nan);  // NaN stays NaN, its bits kept (TF's Sign)
+      }
+    };
+    auto* workers = ctx->device()->tensorflow_cpu_worker_threads()->workers;
+    Shard(workers->NumThreads(), workers, x.NumElements(), /*cost_per_unit=*/2, work);
+  }
+};
+REGISTER_KERNEL_BUILDER(Name("BinarySign").Device(DEVICE_CPU).TypeConstraint<float>("T"),
+                        BinarySignOp<F32>);
+REGISTER_KERNEL_BUILDER(Name("BinarySign").Device(DEVICE_CPU).TypeConstraint<Eigen::bfloat16>("T"),
+                        BinarySignOp<BF16>);
+
 // ------------------------------------------------------------------------------ ReSTE
 // dx = dy * g(x): g = (1/o) |x|^((1-o)/o) on interval < |x| <= t, interval^((1-o)/o)
 // on |x| <= interval, 0 beyond t (reste_larq.quantizers.reste_gradient). g is computed
@@ -279,6 +329,30 @@ REGISTER_KERNEL_BUILDER(Name("SteGrad").Device(DEVICE_CPU).TypeConstraint<Eigen:
 // rows, the bottom rb rows, then the left cl and right cr columns of the rows between,
 // each row-major over (row, column). Summed in float32, returned in dy's dtype. It
 // reads the border strips in place (TensorFlow's strided slices would copy them first).
+// (row, column) of each border position of an h x w output, in `_border_sums`' order:
+// the top rt rows, the bottom rb rows, then the left cl and right cr columns of the rows
+// between, each row-major.
+std::vector<std::pair<int64_t, int64_t>> BorderPositions(int64_t h, int64_t w, int64_t rt,
+                                                         int64_t rb, int64_t cl, int64_t cr) {
+  std::vector<std::pair<int64_t, int64_t>> at;
+  for (int64_t r = 0; r < rt; ++r)
+    for (int64_t q = 0; q < w; ++q) at.emplace_back(r, q);
+  for (int64_t r = h - rb; r < h; ++r)
+    for (int64_t q = 0; q < w; ++q) at.emplace_back(r, q);
+  for (int64_t r = rt; r < h - rb; ++r)
+    for (int64_t q = 0; q < cl; ++q) at.emplace_back(r, q);
+  for (int64_t r = rt; r < h - rb; ++r)
+    for (int64_t q = w - cr; q < w; ++q) at.emplace_back(r, q);
+  return at;
+}
+
+Status BorderAttrs(shape_inference::InferenceContext* c, int* rt, int* rb, int* cl, int* cr) {
+  TF_RETURN_IF_ERROR(c->GetAttr("rt", rt));
+  TF_RETURN_IF_ERROR(c->GetAttr("rb", rb));
+  TF_RETURN_IF_ERROR(c->GetAttr("cl", cl));
+  return c->GetAttr("cr", cr);
+}
+
 REGISTER_OP("BorderSums")
     .Input("dy: T")
     .Attr("rt: int >= 0")
@@ -291,10 +365,7 @@ REGISTER_OP("BorderSums")
       shape_inference::ShapeHandle dy;
       TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 4, &dy));
       int rt, rb, cl, cr;
-      TF_RETURN_IF_ERROR(c->GetAttr("rt", &rt));
-      TF_RETURN_IF_ERROR(c->GetAttr("rb", &rb));
-      TF_RETURN_IF_ERROR(c->GetAttr("cl", &cl));
-      TF_RETURN_IF_ERROR(c->GetAttr("cr", &cr));
+      TF_RETURN_IF_ERROR(BorderAttrs(c, &rt, &rb, &cl, &cr));
       auto h = c->Value(c->Dim(dy, 1)), w = c->Value(c->Dim(dy, 2));
       auto positions = (h < 0 || w < 0) ? c->UnknownDim()
                                          : c->MakeDim((rt + rb) * w + (h - rt - rb) * (cl + cr));
@@ -302,33 +373,44 @@ REGISTER_OP("BorderSums")
       return OkStatus();
     });
 
-template <typename D>
-class BorderSumsOp : public OpKernel {
+// The border ops' strips (attributes rt, rb, cl, cr) and their positions in a tensor.
+class BorderOp : public OpKernel {
  public:
-  explicit BorderSumsOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+  explicit BorderOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("rt", &rt_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("rb", &rb_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("cl", &cl_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("cr", &cr_));
   }
 
+ protected:
+  // The border positions of t (NHWC, called `name` in errors), in `BorderPositions`' order.
+  Status Positions(const Tensor& t, const char* name,
+                   std::vector<std::pair<int64_t, int64_t>>* at) const {
+    if (t.dims() != 4) return errors::InvalidArgument(name, " must be NHWC");
+    const int64_t h = t.dim_size(1), w = t.dim_size(2);
+    if (rt_ + rb_ > h || cl_ + cr_ > w) {
+      return errors::InvalidArgument("border strips larger than ", name, ": ",
+                                     t.shape().DebugString());
+    }
+    *at = BorderPositions(h, w, rt_, rb_, cl_, cr_);
+    return OkStatus();
+  }
+
+  int rt_, rb_, cl_, cr_;
+};
+
+template <typename D>
+class BorderSumsOp : public BorderOp {
+ public:
+  explicit BorderSumsOp(OpKernelConstruction* ctx) : BorderOp(ctx) {}
+
   void Compute(OpKernelContext* ctx) override {
     const Tensor& dy = ctx->input(0);
-    OP_REQUIRES(ctx, dy.dims() == 4, errors::InvalidArgument("dy must be NHWC"));
+    std::vector<std::pair<int64_t, int64_t>> at;
+    OP_REQUIRES_OK(ctx, Positions(dy, "dy", &at));
     const int64_t n = dy.dim_size(0), h = dy.dim_size(1), w = dy.dim_size(2);
     const int64_t c = dy.dim_size(3);
-    OP_REQUIRES(ctx, rt_ + rb_ <= h && cl_ + cr_ <= w,
-                errors::InvalidArgument("border strips larger than dy: ", dy.shape().DebugString()));
-    // (row, column) of each output position, in `_border_sums`' order
-    std::vector<std::pair<int64_t, int64_t>> at;
-    for (int64_t r = 0; r < rt_; ++r)
-      for (int64_t q = 0; q < w; ++q) at.emplace_back(r, q);
-    for (int64_t r = h - rb_; r < h; ++r)
-      for (int64_t q = 0; q < w; ++q) at.emplace_back(r, q);
-    for (int64_t r = rt_; r < h - rb_; ++r)
-      for (int64_t q = 0; q < cl_; ++q) at.emplace_back(r, q);
-    for (int64_t r = rt_; r < h - rb_; ++r)
-      for (int64_t q = w - cr_; q < w; ++q) at.emplace_back(r, q);
     const int64_t positions = static_cast<int64_t>(at.size());
     Tensor* sums = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({positions, c}), &sums));
@@ -351,11 +433,84 @@ class BorderSumsOp : public OpKernel {
     auto* workers = ctx->device()->tensorflow_cpu_worker_threads()->workers;
     Shard(workers->NumThreads(), workers, positions, /*cost_per_unit=*/n * c, work);
   }
-
- private:
-  int rt_, rb_, cl_, cr_;
 };
 REGISTER_KERNEL_BUILDER(Name("BorderSums").Device(DEVICE_CPU).TypeConstraint<float>("T"),
                         BorderSumsOp<F32>);
 REGISTER_KERNEL_BUILDER(Name("BorderSums").Device(DEVICE_CPU).TypeConstraint<Eigen::bfloat16>("T"),
                         BorderSumsOp<BF16>);
+
+// The one-padded convs' border term, forward: outputs + values at the border positions
+// of every image (values [positions, channels], positions in `BorderPositions`' order),
+// outputs elsewhere. It writes into the convolution's output buffer where TensorFlow
+// allows it, so it touches the border strips only; the scatter and broadcast add it
+// replaces (`_add_at_border`) made a full pass over the output. Added in float32 and
+// rounded to T, as TensorFlow's add. The one difference: inside, a -0 output stays -0
+// where `outputs + 0` gives +0 (equal values).
+REGISTER_OP("AddAtBorder")
+    .Input("outputs: T")
+    .Input("values: T")
+    .Attr("rt: int >= 0")
+    .Attr("rb: int >= 0")
+    .Attr("cl: int >= 0")
+    .Attr("cr: int >= 0")
+    .Attr("T: {float, bfloat16}")
+    .Output("result: T")
+    .SetShapeFn([](shape_inference::InferenceContext* c) {
+      shape_inference::ShapeHandle outputs, values;
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 4, &outputs));
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 2, &values));
+      c->set_output(0, outputs);
+      return OkStatus();
+    });
+
+template <typename D>
+class AddAtBorderOp : public BorderOp {
+ public:
+  explicit AddAtBorderOp(OpKernelConstruction* ctx) : BorderOp(ctx) {}
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& in = ctx->input(0);
+    const Tensor& values = ctx->input(1);
+    std::vector<std::pair<int64_t, int64_t>> at;
+    OP_REQUIRES_OK(ctx, Positions(in, "outputs", &at));
+    const int64_t n = in.dim_size(0), h = in.dim_size(1), w = in.dim_size(2);
+    const int64_t c = in.dim_size(3);
+    const int64_t positions = static_cast<int64_t>(at.size());
+    OP_REQUIRES(ctx,
+                values.dims() == 2 && values.dim_size(0) == positions && values.dim_size(1) == c,
+                errors::InvalidArgument("values must have shape [", positions, ", ", c,
+                                        "], got ", values.shape().DebugString()));
+    Tensor* result = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0}, 0, in.shape(), &result));
+    auto* workers = ctx->device()->tensorflow_cpu_worker_threads()->workers;
+    const auto* src = bits<D>(in);
+    auto* out = bits<D>(result);
+    if (out != src) {  // not forwarded: copy, then add at the border
+      const int64_t bytes = in.NumElements() * static_cast<int64_t>(sizeof(*src));
+      Shard(workers->NumThreads(), workers, bytes >> 12, /*cost_per_unit=*/4096,
+            [=](int64_t begin, int64_t end) {
+              const int64_t stop = end == (bytes >> 12) ? bytes : end << 12;
+              std::memcpy(reinterpret_cast<char*>(out) + (begin << 12),
+                          reinterpret_cast<const char*>(src) + (begin << 12),
+                          stop - (begin << 12));
+            });
+      if ((bytes >> 12) == 0) std::memcpy(out, src, bytes);
+    }
+    const auto* vp = bits<D>(values);
+    const auto* where = at.data();
+    auto work = [=](int64_t begin, int64_t end) {
+      for (int64_t j = begin; j < end; ++j) {
+        const int64_t b = j / positions, p = j % positions;
+        auto* row = out + (b * h * w + where[p].first * w + where[p].second) * c;
+        const auto* v = vp + p * c;
+#pragma omp simd
+        for (int64_t k = 0; k < c; ++k) row[k] = D::store(D::load(row[k]) + D::load(v[k]));
+      }
+    };
+    Shard(workers->NumThreads(), workers, n * positions, /*cost_per_unit=*/c, work);
+  }
+};
+REGISTER_KERNEL_BUILDER(Name("AddAtBorder").Device(DEVICE_CPU).TypeConstraint<float>("T"),
+                        AddAtBorderOp<F32>);
+REGISTER_KERNEL_BUILDER(Name("AddAtBorder").Device(DEVICE_CPU).TypeConstraint<Eigen::bfloat16>("T"),
+                        AddAtBorderOp<BF16>);
