@@ -56,6 +56,7 @@ def test_three_stages_chain_distill_and_export(cifar_dir, tmp_path, capsys):
     assert rows[-1]["tflite_lce_bconv2d"] == 18
 
 
+@pytest.mark.slow  # end to end; default-suite guard: docs/testing.md
 def test_rerun_continues_at_the_first_unfinished_stage(cifar_dir, tmp_path, monkeypatch, capsys):
     argv = [
         "--data-dir",

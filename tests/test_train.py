@@ -720,6 +720,7 @@ def test_cli_step_schedule_and_evaluate_reports_the_runs_own_mu(cifar_dir, tmp_p
     assert json.loads(capsys.readouterr().out)["mu_final"] == pytest.approx(expected)
 
 
+@pytest.mark.slow  # end to end; default-suite guard: docs/testing.md
 def test_distillation_from_a_teacher_run(cifar_dir, tmp_path, monkeypatch, capsys):
     """--teacher: the student trains against a finished float run, exports alone, and
     --evaluate finds it (a killed distilled run resumes: slow test below)."""
