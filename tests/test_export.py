@@ -78,6 +78,7 @@ def test_bad_packed_files(tmp_path):
         export.load_packed(path, models.build("vgg_small_1w1a", input_shape=(8, 8, 3)))
 
 
+@pytest.mark.slow  # end to end; default-suite guard: docs/testing.md
 def test_cli_export_packed_and_evaluate_it(tmp_path, capsys):
     from tests.test_data import write_cifar10
     from tests.test_train import QUICK, read_metrics, run_cli

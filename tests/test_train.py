@@ -518,6 +518,7 @@ def spy_on_compiled_model(monkeypatch):
     return seen
 
 
+@pytest.mark.slow  # end to end; default-suite guard: docs/testing.md
 def test_cli_label_smoothing_adam_zero_padding_and_export_eval_limit(
     cifar_dir, tmp_path, monkeypatch
 ):
