@@ -178,7 +178,6 @@ def _add_at_border(outputs, values, positions, strips, in_place=True):
     only (`_border_sums`): Keras' broadcast add would sum the whole output over the
     batch, a full pass per layer."""
     _, ho, wo, filters = outputs.shape
-    index = tf.constant(positions[:, None])
     kernels = native.ops_for(outputs, values) if in_place else None
     rt, rb, cl, cr = (int(v) for v in strips)
 
@@ -188,7 +187,7 @@ def _add_at_border(outputs, values, positions, strips, in_place=True):
             # in the conv's output buffer, only the border strips touched (native)
             result = kernels.add_at_border(outputs, values, rt=rt, rb=rb, cl=cl, cr=cr)
         else:
-            dense = tf.scatter_nd(index, values, [ho * wo, filters])
+            dense = tf.scatter_nd(positions[:, None], values, [ho * wo, filters])
             result = outputs + tf.reshape(dense, [1, ho, wo, filters])
 
         def grad(dy):

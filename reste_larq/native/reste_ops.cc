@@ -486,15 +486,10 @@ class AddAtBorderOp : public BorderOp {
     const auto* src = bits<D>(in);
     auto* out = bits<D>(result);
     if (out != src) {  // not forwarded: copy, then add at the border
-      const int64_t bytes = in.NumElements() * static_cast<int64_t>(sizeof(*src));
-      Shard(workers->NumThreads(), workers, bytes >> 12, /*cost_per_unit=*/4096,
+      Shard(workers->NumThreads(), workers, in.NumElements(), /*cost_per_unit=*/1,
             [=](int64_t begin, int64_t end) {
-              const int64_t stop = end == (bytes >> 12) ? bytes : end << 12;
-              std::memcpy(reinterpret_cast<char*>(out) + (begin << 12),
-                          reinterpret_cast<const char*>(src) + (begin << 12),
-                          stop - (begin << 12));
+              std::memcpy(out + begin, src + begin, (end - begin) * sizeof(*src));
             });
-      if ((bytes >> 12) == 0) std::memcpy(out, src, bytes);
     }
     const auto* vp = bits<D>(values);
     const auto* where = at.data();
