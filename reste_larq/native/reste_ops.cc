@@ -14,6 +14,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -121,7 +122,21 @@ typename D::Bits* bits(Tensor* t) {
   return reinterpret_cast<typename D::Bits*>(t->flat<typename D::Tensor>().data());
 }
 
+// work(begin, end) over [0, total) on TensorFlow's CPU worker threads.
+void ParallelFor(OpKernelContext* ctx, int64_t total, int64_t cost_per_unit,
+                 const std::function<void(int64_t, int64_t)>& work) {
+  auto* workers = ctx->device()->tensorflow_cpu_worker_threads()->workers;
+  Shard(workers->NumThreads(), workers, total, cost_per_unit, work);
+}
+
 }  // namespace
+
+// Every op here has a float32 and a bfloat16 kernel.
+#define REGISTER_FLOAT_AND_BFLOAT16(name, Op)                                            \
+  REGISTER_KERNEL_BUILDER(Name(name).Device(DEVICE_CPU).TypeConstraint<float>("T"),      \
+                          Op<F32>);                                                      \
+  REGISTER_KERNEL_BUILDER(Name(name).Device(DEVICE_CPU).TypeConstraint<Eigen::bfloat16>("T"), \
+                          Op<BF16>)
 
 // dx = dy * g(x) over float32 values, g rounded to the tensors' dtype D first (as the
 // reference computes it); dxs may be dys.
@@ -201,14 +216,10 @@ class BinarySignOp : public OpKernel {
         out[i] = (xi[i] & nan) | (sign & ~nan);  // NaN stays NaN, its bits kept (TF's Sign)
       }
     };
-    auto* workers = ctx->device()->tensorflow_cpu_worker_threads()->workers;
-    Shard(workers->NumThreads(), workers, x.NumElements(), /*cost_per_unit=*/2, work);
+    ParallelFor(ctx, x.NumElements(), /*cost_per_unit=*/2, work);
   }
 };
-REGISTER_KERNEL_BUILDER(Name("BinarySign").Device(DEVICE_CPU).TypeConstraint<float>("T"),
-                        BinarySignOp<F32>);
-REGISTER_KERNEL_BUILDER(Name("BinarySign").Device(DEVICE_CPU).TypeConstraint<Eigen::bfloat16>("T"),
-                        BinarySignOp<BF16>);
+REGISTER_FLOAT_AND_BFLOAT16("BinarySign", BinarySignOp);
 
 // ------------------------------------------------------------------------------ ReSTE
 // dx = dy * g(x): g = (1/o) |x|^((1-o)/o) on interval < |x| <= t, interval^((1-o)/o)
@@ -265,17 +276,13 @@ class ResteGradOp : public OpKernel {
         }
       }
     };
-    auto* workers = ctx->device()->tensorflow_cpu_worker_threads()->workers;
-    Shard(workers->NumThreads(), workers, x.NumElements(), /*cost_per_unit=*/40, work);
+    ParallelFor(ctx, x.NumElements(), /*cost_per_unit=*/40, work);
   }
 
  private:
   float t_, interval_;
 };
-REGISTER_KERNEL_BUILDER(Name("ResteGrad").Device(DEVICE_CPU).TypeConstraint<float>("T"),
-                        ResteGradOp<F32>);
-REGISTER_KERNEL_BUILDER(Name("ResteGrad").Device(DEVICE_CPU).TypeConstraint<Eigen::bfloat16>("T"),
-                        ResteGradOp<BF16>);
+REGISTER_FLOAT_AND_BFLOAT16("ResteGrad", ResteGradOp);
 
 // -------------------------------------------------------------------------------- STE
 // dx = dy where |x| <= clip, else 0: Larq's `_clipped_gradient` (a select, so the same
@@ -314,21 +321,12 @@ class SteGradOp : public OpKernel {
         out[i] = dyp[i] & keep;  // dy or +0, as Larq's select
       }
     };
-    auto* workers = ctx->device()->tensorflow_cpu_worker_threads()->workers;
-    Shard(workers->NumThreads(), workers, x.NumElements(), /*cost_per_unit=*/4, work);
+    ParallelFor(ctx, x.NumElements(), /*cost_per_unit=*/4, work);
   }
 };
-REGISTER_KERNEL_BUILDER(Name("SteGrad").Device(DEVICE_CPU).TypeConstraint<float>("T"),
-                        SteGradOp<F32>);
-REGISTER_KERNEL_BUILDER(Name("SteGrad").Device(DEVICE_CPU).TypeConstraint<Eigen::bfloat16>("T"),
-                        SteGradOp<BF16>);
+REGISTER_FLOAT_AND_BFLOAT16("SteGrad", SteGradOp);
 
 // ----------------------------------------------------------------- one-padding border
-// The gradient of OnePaddedQuantConv2D's border term (reste_larq.layers): dy summed over
-// the batch at the border positions only, in the order of `_border_sums`: the top rt
-// rows, the bottom rb rows, then the left cl and right cr columns of the rows between,
-// each row-major over (row, column). Summed in float32, returned in dy's dtype. It
-// reads the border strips in place (TensorFlow's strided slices would copy them first).
 // (row, column) of each border position of an h x w output, in `_border_sums`' order:
 // the top rt rows, the bottom rb rows, then the left cl and right cr columns of the rows
 // between, each row-major.
@@ -353,6 +351,10 @@ Status BorderAttrs(shape_inference::InferenceContext* c, int* rt, int* rb, int* 
   return c->GetAttr("cr", cr);
 }
 
+// The gradient of OnePaddedQuantConv2D's border term (reste_larq.layers): dy summed over
+// the batch at the border positions only, in `BorderPositions`' order. Summed in
+// float32, returned in dy's dtype. It reads the border strips in place (TensorFlow's
+// strided slices would copy them first).
 REGISTER_OP("BorderSums")
     .Input("dy: T")
     .Attr("rt: int >= 0")
@@ -384,16 +386,23 @@ class BorderOp : public OpKernel {
   }
 
  protected:
-  // The border positions of t (NHWC, called `name` in errors), in `BorderPositions`' order.
-  Status Positions(const Tensor& t, const char* name,
-                   std::vector<std::pair<int64_t, int64_t>>* at) const {
+  // An NHWC tensor's sizes and its border positions, in `BorderPositions`' order.
+  struct Border {
+    int64_t n, h, w, c, positions;
+    std::vector<std::pair<int64_t, int64_t>> at;
+  };
+
+  // The border of t (NHWC, called `name` in errors).
+  Status Positions(const Tensor& t, const char* name, Border* border) const {
     if (t.dims() != 4) return errors::InvalidArgument(name, " must be NHWC");
     const int64_t h = t.dim_size(1), w = t.dim_size(2);
     if (rt_ + rb_ > h || cl_ + cr_ > w) {
       return errors::InvalidArgument("border strips larger than ", name, ": ",
                                      t.shape().DebugString());
     }
-    *at = BorderPositions(h, w, rt_, rb_, cl_, cr_);
+    border->n = t.dim_size(0), border->h = h, border->w = w, border->c = t.dim_size(3);
+    border->at = BorderPositions(h, w, rt_, rb_, cl_, cr_);
+    border->positions = static_cast<int64_t>(border->at.size());
     return OkStatus();
   }
 
@@ -407,16 +416,15 @@ class BorderSumsOp : public BorderOp {
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& dy = ctx->input(0);
-    std::vector<std::pair<int64_t, int64_t>> at;
-    OP_REQUIRES_OK(ctx, Positions(dy, "dy", &at));
-    const int64_t n = dy.dim_size(0), h = dy.dim_size(1), w = dy.dim_size(2);
-    const int64_t c = dy.dim_size(3);
-    const int64_t positions = static_cast<int64_t>(at.size());
+    Border border;
+    OP_REQUIRES_OK(ctx, Positions(dy, "dy", &border));
+    const int64_t n = border.n, h = border.h, w = border.w, c = border.c;
+    const int64_t positions = border.positions;
     Tensor* sums = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({positions, c}), &sums));
     const auto* dyp = bits<D>(dy);
     auto* out = bits<D>(sums);
-    const auto* where = at.data();
+    const auto* where = border.at.data();
     auto work = [=](int64_t begin, int64_t end) {
       std::vector<float> acc(c);
       for (int64_t p = begin; p < end; ++p) {
@@ -430,14 +438,10 @@ class BorderSumsOp : public BorderOp {
         for (int64_t k = 0; k < c; ++k) out[p * c + k] = D::store(acc[k]);
       }
     };
-    auto* workers = ctx->device()->tensorflow_cpu_worker_threads()->workers;
-    Shard(workers->NumThreads(), workers, positions, /*cost_per_unit=*/n * c, work);
+    ParallelFor(ctx, positions, /*cost_per_unit=*/n * c, work);
   }
 };
-REGISTER_KERNEL_BUILDER(Name("BorderSums").Device(DEVICE_CPU).TypeConstraint<float>("T"),
-                        BorderSumsOp<F32>);
-REGISTER_KERNEL_BUILDER(Name("BorderSums").Device(DEVICE_CPU).TypeConstraint<Eigen::bfloat16>("T"),
-                        BorderSumsOp<BF16>);
+REGISTER_FLOAT_AND_BFLOAT16("BorderSums", BorderSumsOp);
 
 // The one-padded convs' border term, forward: outputs + values at the border positions
 // of every image (values [positions, channels], positions in `BorderPositions`' order),
@@ -471,28 +475,25 @@ class AddAtBorderOp : public BorderOp {
   void Compute(OpKernelContext* ctx) override {
     const Tensor& in = ctx->input(0);
     const Tensor& values = ctx->input(1);
-    std::vector<std::pair<int64_t, int64_t>> at;
-    OP_REQUIRES_OK(ctx, Positions(in, "outputs", &at));
-    const int64_t n = in.dim_size(0), h = in.dim_size(1), w = in.dim_size(2);
-    const int64_t c = in.dim_size(3);
-    const int64_t positions = static_cast<int64_t>(at.size());
+    Border border;
+    OP_REQUIRES_OK(ctx, Positions(in, "outputs", &border));
+    const int64_t n = border.n, h = border.h, w = border.w, c = border.c;
+    const int64_t positions = border.positions;
     OP_REQUIRES(ctx,
                 values.dims() == 2 && values.dim_size(0) == positions && values.dim_size(1) == c,
                 errors::InvalidArgument("values must have shape [", positions, ", ", c,
                                         "], got ", values.shape().DebugString()));
     Tensor* result = nullptr;
     OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0}, 0, in.shape(), &result));
-    auto* workers = ctx->device()->tensorflow_cpu_worker_threads()->workers;
     const auto* src = bits<D>(in);
     auto* out = bits<D>(result);
     if (out != src) {  // not forwarded: copy, then add at the border
-      Shard(workers->NumThreads(), workers, in.NumElements(), /*cost_per_unit=*/1,
-            [=](int64_t begin, int64_t end) {
-              std::memcpy(out + begin, src + begin, (end - begin) * sizeof(*src));
-            });
+      ParallelFor(ctx, in.NumElements(), /*cost_per_unit=*/1, [=](int64_t begin, int64_t end) {
+        std::memcpy(out + begin, src + begin, (end - begin) * sizeof(*src));
+      });
     }
     const auto* vp = bits<D>(values);
-    const auto* where = at.data();
+    const auto* where = border.at.data();
     auto work = [=](int64_t begin, int64_t end) {
       for (int64_t j = begin; j < end; ++j) {
         const int64_t b = j / positions, p = j % positions;
@@ -502,10 +503,7 @@ class AddAtBorderOp : public BorderOp {
         for (int64_t k = 0; k < c; ++k) row[k] = D::store(D::load(row[k]) + D::load(v[k]));
       }
     };
-    Shard(workers->NumThreads(), workers, n * positions, /*cost_per_unit=*/c, work);
+    ParallelFor(ctx, n * positions, /*cost_per_unit=*/c, work);
   }
 };
-REGISTER_KERNEL_BUILDER(Name("AddAtBorder").Device(DEVICE_CPU).TypeConstraint<float>("T"),
-                        AddAtBorderOp<F32>);
-REGISTER_KERNEL_BUILDER(Name("AddAtBorder").Device(DEVICE_CPU).TypeConstraint<Eigen::bfloat16>("T"),
-                        AddAtBorderOp<BF16>);
+REGISTER_FLOAT_AND_BFLOAT16("AddAtBorder", AddAtBorderOp);
